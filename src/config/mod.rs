@@ -1,0 +1,404 @@
+//! Static configuration: serde types with defaults, loaded by figment from defaults, then a
+//! TOML file, then `IMAP_GATEWAY_*` environment variables; `validate` reports every problem at
+//! once. The routing table is a separate file (see `route`) so it can be reloaded live.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Environment variables with this prefix override the file; `__` separates nested keys
+/// (`IMAP_GATEWAY_LIMITS__MAX_BAD_COMMANDS=5`).
+pub const ENV_PREFIX: &str = "IMAP_GATEWAY_";
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot load configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The routing table file (TOML); relative paths are resolved against the config file.
+    pub routing_table: PathBuf,
+    pub listeners: Vec<ListenerConfig>,
+    pub limits: Limits,
+    pub timeouts: Timeouts,
+    pub backend_auth: BackendAuth,
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            routing_table: PathBuf::from("routing.toml"),
+            listeners: vec![ListenerConfig::default()],
+            limits: Limits::default(),
+            timeouts: Timeouts::default(),
+            backend_auth: BackendAuth::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerMode {
+    /// Cleartext IMAP (port 143 style); STARTTLS is offered when a certificate is configured.
+    Plain,
+    /// Implicit TLS (port 993 style).
+    Tls,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub address: SocketAddr,
+    pub mode: ListenerMode,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Allow LOGIN/AUTHENTICATE without TLS (loopback, trusted networks). Off by default:
+    /// passwords must not cross a network in clear.
+    pub allow_plaintext_auth: bool,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        Self {
+            name: "imap".into(),
+            address: SocketAddr::from(([127, 0, 0, 1], 1143)),
+            mode: ListenerMode::Plain,
+            tls_cert: None,
+            tls_key: None,
+            allow_plaintext_auth: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Longest command line accepted before login. Pre-login commands are short; a long line
+    /// is an attack or a broken client, and it is never buffered past this.
+    pub max_preauth_line: usize,
+    /// Largest literal accepted before login (LOGIN with literal user/password).
+    pub max_preauth_literal: u64,
+    /// Invalid or disallowed commands tolerated before login, then BYE.
+    pub max_bad_commands: u32,
+    /// Failed logins tolerated on one connection, then BYE.
+    pub max_auth_failures: u32,
+    /// Longest command line (excluding literals) accepted after login.
+    pub max_command_line: usize,
+    /// Largest literal a client may send after login (APPEND). Streams through, so this is
+    /// a policy limit, not a memory bound.
+    pub max_literal: u64,
+    /// Longest response line (excluding literals) accepted from a backend.
+    pub max_backend_line: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_preauth_line: 8 * 1024,
+            max_preauth_literal: 8 * 1024,
+            max_bad_commands: 10,
+            max_auth_failures: 3,
+            max_command_line: 64 * 1024,
+            max_literal: 1 << 30,
+            max_backend_line: 16 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Timeouts {
+    /// From connect until authenticated; then the connection is closed with BYE.
+    #[serde(with = "humantime_serde")]
+    pub preauth: Duration,
+    /// TCP connect to a backend.
+    #[serde(with = "humantime_serde")]
+    pub backend_connect: Duration,
+    /// Greeting, TLS, ID and login on a backend, all together.
+    #[serde(with = "humantime_serde")]
+    pub backend_login: Duration,
+    /// How long to wait for a backend to answer our LOGOUT after the client went away.
+    #[serde(with = "humantime_serde")]
+    pub backend_logout: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            preauth: Duration::from_secs(60),
+            backend_connect: Duration::from_secs(5),
+            backend_login: Duration::from_secs(15),
+            backend_logout: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendAuthMode {
+    /// Log in on the backend with the client's own credentials; the backend verifies them.
+    Replay,
+    /// Verify the client's password against `passdb`, then log in on the backend as the user
+    /// with the master credentials (SASL PLAIN with authorization identity).
+    Master,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackendAuth {
+    pub mode: BackendAuthMode,
+    pub master_user: Option<String>,
+    pub master_password: Option<String>,
+    /// Read the master password from this file instead (a Kubernetes Secret mount).
+    pub master_password_file: Option<PathBuf>,
+    /// passwd-file (`user:{SCHEME}hash`) the gateway verifies client passwords against in
+    /// master mode. Schemes: PLAIN, CLEARTEXT, SHA256-CRYPT, SHA512-CRYPT.
+    pub passdb: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for BackendAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendAuth")
+            .field("mode", &self.mode)
+            .field("master_user", &self.master_user)
+            .field(
+                "master_password",
+                &self.master_password.as_ref().map(|_| "<redacted>"),
+            )
+            .field("master_password_file", &self.master_password_file)
+            .field("passdb", &self.passdb)
+            .finish()
+    }
+}
+
+impl Default for BackendAuth {
+    fn default() -> Self {
+        Self {
+            mode: BackendAuthMode::Replay,
+            master_user: None,
+            master_password: None,
+            master_password_file: None,
+            passdb: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter directive (`info`, `imap_gateway=debug`); RUST_LOG overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads defaults, then `file` (if given), then the environment. Relative paths in the
+    /// file are resolved against the file's directory.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
+        let mut config: Config = figment.extract().map_err(Box::new)?;
+        if let Some(dir) = file.and_then(Path::parent) {
+            config.resolve_paths(dir);
+        }
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, dir: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        };
+        fix(&mut self.routing_table);
+        for l in &mut self.listeners {
+            l.tls_cert.as_mut().map(fix);
+            l.tls_key.as_mut().map(fix);
+        }
+        self.backend_auth.master_password_file.as_mut().map(fix);
+        self.backend_auth.passdb.as_mut().map(fix);
+    }
+
+    /// Every problem of the configuration, not just the first.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.listeners.is_empty() {
+            out.push("no listeners configured".into());
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            let who = format!("listener {:?} ({})", l.name, l.address);
+            if self.listeners[..i].iter().any(|o| o.name == l.name) {
+                out.push(format!("{who}: duplicate listener name"));
+            }
+            if self.listeners[..i].iter().any(|o| o.address == l.address) && l.address.port() != 0 {
+                out.push(format!("{who}: duplicate address"));
+            }
+            match (&l.tls_cert, &l.tls_key) {
+                (None, None) if l.mode == ListenerMode::Tls => {
+                    out.push(format!("{who}: mode \"tls\" needs tls_cert and tls_key"));
+                }
+                (Some(_), None) | (None, Some(_)) => {
+                    out.push(format!("{who}: tls_cert and tls_key go together"));
+                }
+                (Some(cert), Some(key)) => {
+                    for p in [cert, key] {
+                        if let Err(e) = std::fs::metadata(p) {
+                            out.push(format!("{who}: cannot read {}: {e}", p.display()));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let l = &self.limits;
+        if l.max_preauth_line < 256 {
+            out.push("limits.max_preauth_line must be at least 256".into());
+        }
+        if l.max_command_line < 1024 {
+            out.push("limits.max_command_line must be at least 1024".into());
+        }
+        if l.max_backend_line < 1024 {
+            out.push("limits.max_backend_line must be at least 1024".into());
+        }
+        for (name, d) in [
+            ("timeouts.preauth", self.timeouts.preauth),
+            ("timeouts.backend_connect", self.timeouts.backend_connect),
+            ("timeouts.backend_login", self.timeouts.backend_login),
+        ] {
+            if d.is_zero() {
+                out.push(format!("{name} must be greater than zero"));
+            }
+        }
+        let a = &self.backend_auth;
+        if a.mode == BackendAuthMode::Master {
+            if a.master_user.is_none() {
+                out.push("backend_auth.mode = \"master\" needs master_user".into());
+            }
+            match (&a.master_password, &a.master_password_file) {
+                (None, None) => out.push(
+                    "backend_auth.mode = \"master\" needs master_password or master_password_file"
+                        .into(),
+                ),
+                (Some(_), Some(_)) => out.push(
+                    "backend_auth: give master_password or master_password_file, not both".into(),
+                ),
+                (None, Some(p)) => {
+                    if let Err(e) = std::fs::read(p) {
+                        out.push(format!(
+                            "backend_auth.master_password_file {}: {e}",
+                            p.display()
+                        ));
+                    }
+                }
+                _ => {}
+            }
+            match &a.passdb {
+                None => out.push(
+                    "backend_auth.mode = \"master\" needs passdb to verify client passwords".into(),
+                ),
+                Some(p) => {
+                    if let Err(e) = crate::backend::passdb::PassDb::load(p) {
+                        out.push(format!("backend_auth.passdb: {e}"));
+                    }
+                }
+            }
+        }
+        if let Err(e) = self.log.level.parse::<tracing_subscriber::EnvFilter>() {
+            out.push(format!("log.level {:?}: {e}", self.log.level));
+        }
+        out
+    }
+
+    /// The master password, read from the file when configured that way.
+    pub fn master_password(&self) -> std::io::Result<Option<String>> {
+        if let Some(p) = &self.backend_auth.master_password {
+            return Ok(Some(p.clone()));
+        }
+        match &self.backend_auth.master_password_file {
+            Some(f) => Ok(Some(std::fs::read_to_string(f)?.trim_end().to_owned())),
+            None => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API, not ours
+    fn file_then_env_override_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("gw.toml");
+        std::fs::write(
+            &file,
+            "routing_table = \"r.toml\"\n[timeouts]\npreauth = \"90s\"\n\
+             [[listeners]]\nname = \"a\"\naddress = \"127.0.0.1:0\"\nallow_plaintext_auth = true\n",
+        )
+        .unwrap();
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("IMAP_GATEWAY_LIMITS__MAX_BAD_COMMANDS", "4");
+            let c = Config::load(Some(&file)).unwrap();
+            assert_eq!(c.timeouts.preauth, Duration::from_secs(90));
+            assert_eq!(c.limits.max_bad_commands, 4);
+            assert_eq!(c.limits.max_auth_failures, 3);
+            assert_eq!(c.routing_table, dir.path().join("r.toml"));
+            assert_eq!(c.listeners.len(), 1);
+            assert!(c.listeners[0].allow_plaintext_auth);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn problems_are_all_reported() {
+        let mut c = Config::default();
+        c.listeners.push(ListenerConfig {
+            mode: ListenerMode::Tls,
+            ..ListenerConfig::default()
+        });
+        c.timeouts.preauth = Duration::ZERO;
+        c.backend_auth.mode = BackendAuthMode::Master;
+        let p = c.problems();
+        assert!(
+            p.iter().any(|m| m.contains("duplicate listener name")),
+            "{p:?}"
+        );
+        assert!(p.iter().any(|m| m.contains("duplicate address")), "{p:?}");
+        assert!(p.iter().any(|m| m.contains("needs tls_cert")), "{p:?}");
+        assert!(p.iter().any(|m| m.contains("timeouts.preauth")), "{p:?}");
+        assert!(p.iter().any(|m| m.contains("needs master_user")), "{p:?}");
+        assert!(p.iter().any(|m| m.contains("needs passdb")), "{p:?}");
+    }
+}

@@ -1,0 +1,140 @@
+//! The `imap-gateway` binary: command line, logging set-up, signals and exit codes.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use imap_gateway::Gateway;
+use imap_gateway::config::{Config, LogFormat};
+use imap_gateway::route::RoutingTable;
+use tokio_util::sync::CancellationToken;
+
+/// Exit code for an invalid configuration.
+const EXIT_CONFIG: u8 = 2;
+
+#[derive(Parser)]
+#[command(name = "imap-gateway", version, about = "IMAP4 gateway and proxy")]
+struct Cli {
+    /// Configuration file (TOML). Without it: defaults and IMAP_GATEWAY_* variables.
+    #[arg(short, long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Run,
+    /// Check the configuration and routing table; report every problem; exit 2 on error.
+    CheckConfig,
+    /// Print the backend a user is routed to.
+    Route { user: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match cli.command {
+        Command::CheckConfig => check_config(&config),
+        Command::Route { user } => route(&config, &user),
+        Command::Run => run(config),
+    }
+}
+
+fn check_config(config: &Config) -> ExitCode {
+    let mut problems = config.problems();
+    if let Err(e) = RoutingTable::load(&config.routing_table) {
+        problems.push(e.to_string());
+    }
+    if problems.is_empty() {
+        println!("configuration OK");
+        ExitCode::SUCCESS
+    } else {
+        for p in &problems {
+            eprintln!("error: {p}");
+        }
+        eprintln!("{} problem(s) found", problems.len());
+        ExitCode::from(EXIT_CONFIG)
+    }
+}
+
+fn route(config: &Config, user: &str) -> ExitCode {
+    let table = match RoutingTable::load(&config.routing_table) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match table.lookup(user) {
+        Some(route) => {
+            println!(
+                "{} {}:{}",
+                route.home.name, route.home.host, route.home.port
+            );
+            ExitCode::SUCCESS
+        }
+        None => {
+            eprintln!("no route for {user}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn run(config: Config) -> ExitCode {
+    init_logging(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let gateway = match Gateway::bind(config).await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
+        let shutdown = CancellationToken::new();
+        tokio::spawn(wait_for_signal(shutdown.clone()));
+        gateway.serve(shutdown).await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}

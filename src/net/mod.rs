@@ -1,0 +1,130 @@
+//! Listeners and the accept loop: binds every configured listener, accepts connections,
+//! does the implicit-TLS handshake inside the connection's own task (bounded by the pre-auth
+//! deadline, so a slow handshake never stalls the accept loop) and hands it to a session.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::config::{ListenerConfig, ListenerMode};
+use crate::preauth::ListenerCtx;
+use crate::session::{self, Shared};
+use crate::stream::Stream;
+
+#[derive(Debug, Error)]
+pub enum NetError {
+    #[error("listener {name:?}: cannot bind {address}: {source}")]
+    Bind {
+        name: String,
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("listener {name:?}: {source}")]
+    Tls {
+        name: String,
+        source: crate::tls::TlsError,
+    },
+}
+
+/// A bound listener.
+pub struct Listener {
+    ctx: Arc<ListenerCtx>,
+    implicit_tls: bool,
+    socket: TcpListener,
+}
+
+impl Listener {
+    pub async fn bind(config: &ListenerConfig) -> Result<Self, NetError> {
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(
+                crate::tls::server_config(cert, key).map_err(|source| NetError::Tls {
+                    name: config.name.clone(),
+                    source,
+                })?,
+            )),
+            _ => None,
+        };
+        let socket = TcpListener::bind(config.address)
+            .await
+            .map_err(|source| NetError::Bind {
+                name: config.name.clone(),
+                address: config.address,
+                source,
+            })?;
+        Ok(Self {
+            ctx: Arc::new(ListenerCtx {
+                name: config.name.clone(),
+                tls,
+                allow_plaintext_auth: config.allow_plaintext_auth,
+            }),
+            implicit_tls: config.mode == ListenerMode::Tls,
+            socket,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.ctx.name
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    /// Accepts until `shutdown`; each connection runs in its own task on `tracker`.
+    pub async fn serve(
+        self,
+        shared: Arc<Shared>,
+        tracker: TaskTracker,
+        shutdown: CancellationToken,
+    ) {
+        info!(listener = %self.ctx.name, address = ?self.socket.local_addr().ok(), "listening");
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                a = self.socket.accept() => a,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off a little instead of spinning.
+                    warn!(listener = %self.ctx.name, error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let local = tcp.local_addr().unwrap_or(peer);
+            let deadline = Instant::now() + shared.config.timeouts.preauth;
+            let ctx = Arc::clone(&self.ctx);
+            let shared = Arc::clone(&shared);
+            let implicit_tls = self.implicit_tls;
+            tracker.spawn(async move {
+                let stream = if implicit_tls {
+                    let Some(acceptor) = ctx.tls.clone() else {
+                        return;
+                    };
+                    match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => Stream::Tls(Box::new(tls.into())),
+                        Ok(Err(e)) => {
+                            debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    }
+                } else {
+                    Stream::Plain(tcp)
+                };
+                session::run(shared, ctx, stream, peer, local, deadline).await;
+            });
+        }
+    }
+}

@@ -1,0 +1,418 @@
+//! The pre-login dialogue: greeting, CAPABILITY, NOOP, LOGOUT, STARTTLS, ID, LOGIN and
+//! AUTHENTICATE (PLAIN, LOGIN; SASL-IR). It never talks to a backend: it hands the session a
+//! login attempt (user and password), and the session reports back whether it succeeded.
+
+mod sasl;
+
+use std::sync::Arc;
+
+use tokio::io::AsyncWriteExt;
+use tokio::time::Instant;
+use zeroize::Zeroizing;
+
+use crate::config::Limits;
+use crate::proto::capability;
+use crate::proto::command::{DecodeFailure, Mechanism, PreauthCommand, decode_preauth};
+use crate::proto::framer::FrameError;
+use crate::proto::prescan::{self, CommandName};
+use crate::proto::response::status;
+use crate::stream::Stream;
+use crate::wire::{Event, MessageBuf, ReadError};
+
+/// What the listener tells the pre-auth dialogue.
+pub struct ListenerCtx {
+    pub name: String,
+    /// Present when the listener can do TLS (implicit, or STARTTLS on a plain listener).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub allow_plaintext_auth: bool,
+}
+
+/// A client's login request, for the session to check against a backend.
+pub struct LoginAttempt {
+    pub tag: Vec<u8>,
+    pub user: String,
+    pub password: Zeroizing<Vec<u8>>,
+    pub mechanism: &'static str,
+}
+
+impl std::fmt::Debug for LoginAttempt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoginAttempt")
+            .field("user", &self.user)
+            .field("mechanism", &self.mechanism)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the dialogue ended without a login.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PreauthEnd {
+    Logout,
+    Closed,
+    Timeout,
+    TooManyBadCommands,
+    TooManyAuthFailures,
+    TooBig,
+    TlsFailed,
+}
+
+impl PreauthEnd {
+    pub fn label(&self) -> &'static str {
+        match self {
+            PreauthEnd::Logout => "logout",
+            PreauthEnd::Closed => "closed",
+            PreauthEnd::Timeout => "timeout",
+            PreauthEnd::TooManyBadCommands => "bad_commands",
+            PreauthEnd::TooManyAuthFailures => "auth_failures",
+            PreauthEnd::TooBig => "too_big",
+            PreauthEnd::TlsFailed => "tls_failed",
+        }
+    }
+}
+
+/// One connection's pre-login state.
+pub struct Preauth {
+    stream: Option<Stream>,
+    buf: MessageBuf,
+    listener: Arc<ListenerCtx>,
+    limits: Limits,
+    deadline: Instant,
+    bad_commands: u32,
+    auth_failures: u32,
+}
+
+impl Preauth {
+    pub fn new(
+        stream: Stream,
+        listener: Arc<ListenerCtx>,
+        limits: Limits,
+        deadline: Instant,
+    ) -> Self {
+        let buf = MessageBuf::new(limits.max_preauth_line, limits.max_preauth_literal);
+        Self {
+            stream: Some(stream),
+            buf,
+            listener,
+            limits,
+            deadline,
+            bad_commands: 0,
+            auth_failures: 0,
+        }
+    }
+
+    fn stream(&mut self) -> Result<&mut Stream, PreauthEnd> {
+        self.stream.as_mut().ok_or(PreauthEnd::Closed)
+    }
+
+    fn tls_active(&self) -> bool {
+        self.stream.as_ref().is_some_and(Stream::is_tls)
+    }
+
+    fn auth_allowed(&self) -> bool {
+        self.tls_active() || self.listener.allow_plaintext_auth
+    }
+
+    fn capabilities(&self) -> String {
+        capability::preauth(
+            self.tls_active(),
+            self.listener.tls.is_some(),
+            self.listener.allow_plaintext_auth,
+        )
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), PreauthEnd> {
+        let stream = self.stream()?;
+        stream
+            .write_all(bytes)
+            .await
+            .map_err(|_| PreauthEnd::Closed)?;
+        Ok(())
+    }
+
+    /// Sends BYE and ends the dialogue with `end`.
+    async fn bye(&mut self, code: Option<&str>, text: &str, end: PreauthEnd) -> PreauthEnd {
+        let _ = self.send(&status(b"", "BYE", code, text)).await;
+        if let Ok(s) = self.stream() {
+            let _ = s.shutdown().await;
+        }
+        end
+    }
+
+    pub async fn greet(&mut self) -> Result<(), PreauthEnd> {
+        let caps = format!("CAPABILITY {}", self.capabilities());
+        let greeting = status(b"", "OK", Some(&caps), "imap-gateway ready.");
+        self.send(&greeting).await
+    }
+
+    /// Counts an invalid command; BYE once there were too many.
+    async fn bad(&mut self, answer: Vec<u8>) -> Result<(), PreauthEnd> {
+        self.send(&answer).await?;
+        self.bad_commands += 1;
+        if self.bad_commands >= self.limits.max_bad_commands {
+            return Err(self
+                .bye(
+                    None,
+                    "Too many invalid commands.",
+                    PreauthEnd::TooManyBadCommands,
+                )
+                .await);
+        }
+        Ok(())
+    }
+
+    /// Reads the next whole command, answering `+` to synchronizing literals within limits.
+    async fn read_command(&mut self) -> Result<Vec<u8>, PreauthEnd> {
+        loop {
+            let stream = self.stream.as_mut().ok_or(PreauthEnd::Closed)?;
+            let next = tokio::time::timeout_at(self.deadline, self.buf.next(stream)).await;
+            match next {
+                Err(_) => {
+                    return Err(self
+                        .bye(None, "Disconnected for inactivity.", PreauthEnd::Timeout)
+                        .await);
+                }
+                Ok(Ok(Event::Message(len))) => return Ok(self.buf.take(len)),
+                Ok(Ok(Event::NeedContinuation)) => {
+                    self.send(b"+ Ready for literal data\r\n").await?;
+                }
+                Ok(Err(ReadError::Frame(e))) => {
+                    let tag = prescan::tag_of(self.buf.bytes()).map(<[u8]>::to_vec);
+                    let text = match e {
+                        FrameError::LineTooLong { .. } => "Command line too long.",
+                        FrameError::LiteralTooLarge { .. } => "Literal too large.",
+                    };
+                    if let (Some(tag), FrameError::LiteralTooLarge { .. }) = (tag, &e) {
+                        let _ = self.send(&status(&tag, "BAD", Some("TOOBIG"), text)).await;
+                    }
+                    return Err(self.bye(Some("TOOBIG"), text, PreauthEnd::TooBig).await);
+                }
+                Ok(Err(ReadError::Closed | ReadError::Io(_))) => return Err(PreauthEnd::Closed),
+            }
+        }
+    }
+
+    /// Runs the dialogue until the client asks to log in.
+    pub async fn next_login(&mut self) -> Result<LoginAttempt, PreauthEnd> {
+        loop {
+            let framed = self.read_command().await?;
+            let (tag, command) = match decode_preauth(&framed) {
+                Ok(decoded) => decoded,
+                Err(DecodeFailure::Malformed { tag }) => {
+                    let answer = match tag {
+                        Some(tag) => status(&tag, "BAD", None, "Syntax error."),
+                        None => status(b"", "BAD", None, "Syntax error: no tag."),
+                    };
+                    self.bad(answer).await?;
+                    continue;
+                }
+            };
+            match command {
+                PreauthCommand::Capability => {
+                    let caps = format!("* CAPABILITY {}\r\n", self.capabilities());
+                    let mut out = caps.into_bytes();
+                    out.extend(status(&tag, "OK", None, "Pre-login capabilities listed."));
+                    self.send(&out).await?;
+                }
+                PreauthCommand::Noop => {
+                    self.send(&status(&tag, "OK", None, "NOOP completed."))
+                        .await?
+                }
+                PreauthCommand::Logout => {
+                    let mut out = status(b"", "BYE", None, "Logging out.");
+                    out.extend(status(&tag, "OK", None, "Logout completed."));
+                    let _ = self.send(&out).await;
+                    if let Ok(s) = self.stream() {
+                        let _ = s.shutdown().await;
+                    }
+                    return Err(PreauthEnd::Logout);
+                }
+                PreauthCommand::Id => {
+                    let mut out = b"* ID (\"name\" \"imap-gateway\")\r\n".to_vec();
+                    out.extend(status(&tag, "OK", None, "ID completed."));
+                    self.send(&out).await?;
+                }
+                PreauthCommand::StartTls => self.starttls(&tag).await?,
+                PreauthCommand::Login { user, password } => {
+                    if self.check_privacy(&tag).await?.is_some() {
+                        continue;
+                    }
+                    return Ok(LoginAttempt {
+                        tag,
+                        user,
+                        password,
+                        mechanism: "login",
+                    });
+                }
+                PreauthCommand::Authenticate {
+                    mechanism,
+                    initial_response,
+                } => {
+                    let Some(mechanism) = mechanism else {
+                        self.bad(status(
+                            &tag,
+                            "NO",
+                            None,
+                            "Unsupported authentication mechanism.",
+                        ))
+                        .await?;
+                        continue;
+                    };
+                    if self.check_privacy(&tag).await?.is_some() {
+                        continue;
+                    }
+                    match self.sasl(&tag, mechanism, initial_response).await? {
+                        Some((user, password)) => {
+                            return Ok(LoginAttempt {
+                                tag,
+                                user,
+                                password,
+                                mechanism: match mechanism {
+                                    Mechanism::Plain => "plain",
+                                    Mechanism::Login => "sasl_login",
+                                },
+                            });
+                        }
+                        None => continue,
+                    }
+                }
+                PreauthCommand::NotAllowed(name) => {
+                    let text = match name {
+                        CommandName::Other => {
+                            "Unknown command or not allowed before login.".to_owned()
+                        }
+                        name => format!(
+                            "{} is not allowed before login.",
+                            name.label().to_ascii_uppercase()
+                        ),
+                    };
+                    self.bad(status(&tag, "BAD", None, &text)).await?;
+                }
+            }
+        }
+    }
+
+    /// Refuses authentication on a cleartext connection unless the listener allows it.
+    /// Returns Some(()) when the command was refused.
+    async fn check_privacy(&mut self, tag: &[u8]) -> Result<Option<()>, PreauthEnd> {
+        if self.auth_allowed() {
+            return Ok(None);
+        }
+        self.bad(status(
+            tag,
+            "NO",
+            Some("PRIVACYREQUIRED"),
+            "Plaintext authentication is disabled; use STARTTLS.",
+        ))
+        .await?;
+        Ok(Some(()))
+    }
+
+    async fn starttls(&mut self, tag: &[u8]) -> Result<(), PreauthEnd> {
+        let acceptor = match (&self.listener.tls, self.tls_active()) {
+            (_, true) => {
+                return self
+                    .bad(status(tag, "BAD", None, "TLS is already active."))
+                    .await;
+            }
+            (None, _) => {
+                return self
+                    .bad(status(tag, "BAD", None, "STARTTLS is not available."))
+                    .await;
+            }
+            (Some(a), false) => a.clone(),
+        };
+        self.send(&status(tag, "OK", None, "Begin TLS negotiation now."))
+            .await?;
+        // Whatever the client sent after STARTTLS arrived in clear and could have been
+        // injected by an attacker: it must not be executed after the handshake.
+        self.buf.clear();
+        let Some(Stream::Plain(tcp)) = self.stream.take() else {
+            return Err(PreauthEnd::Closed);
+        };
+        let handshake = tokio::time::timeout_at(self.deadline, acceptor.accept(tcp)).await;
+        match handshake {
+            Ok(Ok(tls)) => {
+                self.stream = Some(Stream::Tls(Box::new(tls.into())));
+                Ok(())
+            }
+            Ok(Err(_)) => Err(PreauthEnd::TlsFailed),
+            Err(_) => Err(PreauthEnd::Timeout),
+        }
+    }
+
+    /// Runs a SASL exchange; None when it was cancelled or malformed (already answered).
+    async fn sasl(
+        &mut self,
+        tag: &[u8],
+        mechanism: Mechanism,
+        initial: Option<Zeroizing<Vec<u8>>>,
+    ) -> Result<Option<(String, Zeroizing<Vec<u8>>)>, PreauthEnd> {
+        let mut exchange = sasl::Exchange::new(mechanism, initial);
+        loop {
+            match exchange.step() {
+                sasl::Step::Challenge(challenge) => {
+                    self.send(challenge).await?;
+                    let line = self.read_sasl_line().await?;
+                    exchange.respond(&line);
+                }
+                sasl::Step::Done { user, password } => return Ok(Some((user, password))),
+                sasl::Step::Cancelled => {
+                    self.bad(status(tag, "BAD", None, "Authentication cancelled."))
+                        .await?;
+                    return Ok(None);
+                }
+                sasl::Step::Malformed => {
+                    self.bad(status(tag, "BAD", None, "Invalid SASL response."))
+                        .await?;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    async fn read_sasl_line(&mut self) -> Result<Zeroizing<Vec<u8>>, PreauthEnd> {
+        let stream = self.stream.as_mut().ok_or(PreauthEnd::Closed)?;
+        match tokio::time::timeout_at(self.deadline, self.buf.next_line(stream)).await {
+            Err(_) => Err(self
+                .bye(None, "Disconnected for inactivity.", PreauthEnd::Timeout)
+                .await),
+            Ok(Ok(len)) => Ok(Zeroizing::new(self.buf.take(len))),
+            Ok(Err(ReadError::Frame(_))) => Err(self
+                .bye(Some("TOOBIG"), "Line too long.", PreauthEnd::TooBig)
+                .await),
+            Ok(Err(_)) => Err(PreauthEnd::Closed),
+        }
+    }
+
+    /// Tells the client its login failed; BYE once there were too many failures.
+    pub async fn reject_login(
+        &mut self,
+        tag: &[u8],
+        code: &str,
+        text: &str,
+    ) -> Result<(), PreauthEnd> {
+        self.send(&status(tag, "NO", Some(code), text)).await?;
+        self.auth_failures += 1;
+        if self.auth_failures >= self.limits.max_auth_failures {
+            return Err(self
+                .bye(
+                    None,
+                    "Too many authentication failures.",
+                    PreauthEnd::TooManyAuthFailures,
+                )
+                .await);
+        }
+        Ok(())
+    }
+
+    /// The secured client stream and the bytes it sent ahead of the login answer.
+    pub fn into_parts(self) -> Result<(Stream, Vec<u8>), PreauthEnd> {
+        let stream = self.stream.ok_or(PreauthEnd::Closed)?;
+        Ok((stream, self.buf.into_remaining()))
+    }
+
+    /// The client stream, for writing the login answer.
+    pub fn stream_mut(&mut self) -> Option<&mut Stream> {
+        self.stream.as_mut()
+    }
+}

@@ -1,0 +1,7 @@
+//! The routing table: which backend serves which user. Immutable once built; a lookup is a
+//! couple of hash-map probes and, for the default pool, rendezvous hashing, so every replica
+//! routes the same user to the same backend without sharing state.
+
+mod table;
+
+pub use table::{Backend, BackendTls, Route, RouteError, RoutingTable};

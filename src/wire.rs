@@ -1,0 +1,125 @@
+//! Whole-message reading for the dialogues the gateway holds itself (pre-authentication with
+//! the client, login with a backend): a buffer that yields one complete message at a time,
+//! bounded by line and literal limits, keeping whatever the peer sent beyond it.
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::proto::framer::{FrameError, Scan, scan_message};
+
+/// Read size while holding a dialogue; messages here are small.
+const READ_CHUNK: usize = 4096;
+
+#[derive(Debug)]
+pub enum ReadError {
+    Io(std::io::Error),
+    /// The peer closed the connection.
+    Closed,
+    Frame(FrameError),
+}
+
+/// What a read produced.
+pub enum Event {
+    /// A complete message is at the front of the buffer (see [`MessageBuf::take`]).
+    Message(usize),
+    /// The peer announced a synchronizing literal and waits for `+` before sending it.
+    NeedContinuation,
+}
+
+/// A buffer that collects whole messages from a peer.
+pub struct MessageBuf {
+    buf: Vec<u8>,
+    max_line: usize,
+    max_literal: u64,
+    /// Continuations sent for the message being collected.
+    continued: usize,
+}
+
+impl MessageBuf {
+    pub fn new(max_line: usize, max_literal: u64) -> Self {
+        Self {
+            buf: Vec::new(),
+            max_line,
+            max_literal,
+            continued: 0,
+        }
+    }
+
+    pub fn set_limits(&mut self, max_line: usize, max_literal: u64) {
+        self.max_line = max_line;
+        self.max_literal = max_literal;
+    }
+
+    /// Reads until a complete message is buffered or the peer needs a continuation.
+    pub async fn next<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> Result<Event, ReadError> {
+        loop {
+            match scan_message(&self.buf, self.max_line, self.max_literal)
+                .map_err(ReadError::Frame)?
+            {
+                Scan::Complete { len } => {
+                    self.continued = 0;
+                    return Ok(Event::Message(len));
+                }
+                Scan::Incomplete { sync_literals } if sync_literals > self.continued => {
+                    self.continued += 1;
+                    return Ok(Event::NeedContinuation);
+                }
+                Scan::Incomplete { .. } => {}
+            }
+            self.fill(r).await?;
+        }
+    }
+
+    /// Reads one raw line (SASL responses are not IMAP syntax, literals do not apply).
+    pub async fn next_line<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> Result<usize, ReadError> {
+        loop {
+            if let Some(pos) = memchr::memchr(b'\n', &self.buf) {
+                return Ok(pos + 1);
+            }
+            if self.buf.len() > self.max_line {
+                return Err(ReadError::Frame(FrameError::LineTooLong {
+                    limit: self.max_line,
+                }));
+            }
+            self.fill(r).await?;
+        }
+    }
+
+    async fn fill<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> Result<(), ReadError> {
+        let old = self.buf.len();
+        self.buf.resize(old + READ_CHUNK, 0);
+        let n = r.read(&mut self.buf[old..]).await;
+        self.buf.truncate(old + *n.as_ref().unwrap_or(&0));
+        match n {
+            Ok(0) => Err(ReadError::Closed),
+            Ok(_) => Ok(()),
+            Err(e) => Err(ReadError::Io(e)),
+        }
+    }
+
+    /// The buffered bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// Removes the first `len` bytes (a message that was handled).
+    pub fn consume(&mut self, len: usize) {
+        self.buf.drain(..len);
+    }
+
+    /// Removes and returns the first `len` bytes.
+    pub fn take(&mut self, len: usize) -> Vec<u8> {
+        let rest = self.buf.split_off(len);
+        std::mem::replace(&mut self.buf, rest)
+    }
+
+    /// Drops everything buffered (STARTTLS: bytes sent before the handshake are untrusted).
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.continued = 0;
+    }
+
+    /// Everything still buffered (bytes the peer sent ahead), leaving the buffer empty.
+    pub fn into_remaining(self) -> Vec<u8> {
+        self.buf
+    }
+}
