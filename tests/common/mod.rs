@@ -1,0 +1,7 @@
+//! Shared helpers for the integration tests (`mod common;` in each test file).
+#![allow(dead_code)]
+
+pub mod dovecot;
+pub mod gateway;
+pub mod imap;
+pub mod tls;
