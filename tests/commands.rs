@@ -81,11 +81,10 @@ fn normalize(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for line in s.split_inclusive("\r\n") {
         let mut line = line.to_owned();
-        if let Some(i) = line.find(" (0.") {
-            if line[i..].contains("secs)") {
-                let end = line[i..].find("secs)").unwrap() + i + 5;
-                line.replace_range(i..end, "");
-            }
+        if let Some(i) = line.find(" (0.")
+            && let Some(e) = line[i..].find("secs)")
+        {
+            line.replace_range(i..i + e + 5, "");
         }
         for key in ["UIDVALIDITY ", "APPENDUID ", "COPYUID "] {
             if let Some(i) = line.find(key) {

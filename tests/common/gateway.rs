@@ -56,17 +56,18 @@ pub fn backend_toml(name: &str, addr: SocketAddr, extra: &str) -> String {
 pub fn test_config(dir: &Path, routing: &str) -> Config {
     let table: PathBuf = dir.join("routing.toml");
     std::fs::write(&table, routing).unwrap();
-    let mut config = Config::default();
-    config.routing_table = table;
-    config.listeners = vec![ListenerConfig {
-        name: "plain".into(),
-        address: "127.0.0.1:0".parse().unwrap(),
-        mode: ListenerMode::Plain,
-        tls_cert: None,
-        tls_key: None,
-        allow_plaintext_auth: true,
-    }];
-    config
+    Config {
+        routing_table: table,
+        listeners: vec![ListenerConfig {
+            name: "plain".into(),
+            address: "127.0.0.1:0".parse().unwrap(),
+            mode: ListenerMode::Plain,
+            tls_cert: None,
+            tls_key: None,
+            allow_plaintext_auth: true,
+        }],
+        ..Config::default()
+    }
 }
 
 pub async fn start(routing: &str) -> TestGateway {

@@ -69,10 +69,9 @@ impl Client {
 
     /// Like read_response but returns None on EOF.
     pub async fn try_read_response(&mut self) -> Option<Vec<u8>> {
-        let r = tokio::time::timeout(WAIT, self.read_response_opt())
+        tokio::time::timeout(WAIT, self.read_response_opt())
             .await
-            .expect("timed out waiting for a response");
-        r
+            .expect("timed out waiting for a response")
     }
 
     async fn read_response_inner(&mut self) -> Vec<u8> {
