@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod dovecot;
+pub mod fake;
 pub mod gateway;
 pub mod imap;
 pub mod tls;

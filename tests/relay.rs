@@ -1,0 +1,157 @@
+//! The relay after login: how each side's end reaches the other, the commands the gateway
+//! intercepts, and limits on what it relays.
+
+mod common;
+
+use std::time::Duration;
+
+use common::dovecot::{Dovecot, DovecotOptions};
+use common::fake::{self, AfterLogin};
+use common::gateway::{self, backend_toml};
+use common::imap::{Client, WAIT, last_line, tagged_ok};
+
+fn pool(addr: std::net::SocketAddr) -> String {
+    format!("default_pool = [\"b\"]\n{}", backend_toml("b", addr, ""))
+}
+
+/// Polls `f` until it returns true or the test's bound passes.
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never happened: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn client_gets_bye_when_backend_dies() {
+    let backend = fake::start(AfterLogin::DieOnNextCommand).await;
+    let gw = gateway::start(&pool(backend)).await;
+    let mut c = Client::connect(gw.addr).await;
+    c.login("alice", "pw").await;
+    c.write(b"a NOOP\r\n").await;
+    let rest = String::from_utf8(c.read_to_end().await).unwrap();
+    assert_eq!(rest, "* BYE [UNAVAILABLE] Backend connection lost\r\n");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn backend_bye_is_passed_once_when_dovecot_stops() {
+    let mut dovecot = Dovecot::start(DovecotOptions::default());
+    let gw = gateway::start(&pool(dovecot.addr())).await;
+    let mut c = Client::connect(gw.addr).await;
+    c.login("alice", "alicepw").await;
+    assert!(tagged_ok(&c.cmd("SELECT INBOX").await));
+    dovecot.stop();
+    let rest = String::from_utf8(c.read_to_end().await).unwrap();
+    assert_eq!(rest.matches("* BYE").count(), 1, "{rest:?}");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn backend_is_logged_out_when_client_vanishes() {
+    let dovecot = Dovecot::start(DovecotOptions::default());
+    let gw = gateway::start(&pool(dovecot.addr())).await;
+    let mut c = Client::connect(gw.addr).await;
+    c.login("bob", "bobpw").await;
+    assert!(tagged_ok(&c.cmd("SELECT INBOX").await));
+    drop(c);
+    // Dovecot logs "Logged out" for a LOGOUT and "Disconnected" for a dropped connection.
+    eventually("backend logged out", || {
+        dovecot.log_contents().contains("imap(bob)")
+            && dovecot.log_contents().contains("Logged out")
+    })
+    .await;
+    assert!(
+        !dovecot
+            .log_contents()
+            .contains("Disconnected: Connection closed")
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn compress_is_refused_by_the_gateway_and_the_session_goes_on() {
+    let dovecot = Dovecot::start(DovecotOptions::default());
+    let gw = gateway::start(&pool(dovecot.addr())).await;
+    let mut c = Client::connect(gw.addr).await;
+    let login = c.login("alice", "alicepw").await;
+    assert!(!login.contains("COMPRESS"), "{login}");
+    assert!(login.contains("MAILBOX-REFERRALS"), "{login}");
+    let r = c.cmd("COMPRESS DEFLATE").await;
+    assert_eq!(
+        r,
+        "t2 NO [CANNOT] COMPRESS is not available through this gateway\r\n"
+    );
+    // Pipelined: the refused COMPRESS between two relayed commands.
+    c.write(b"p1 NOOP\r\np2 COMPRESS DEFLATE\r\np3 NOOP\r\n")
+        .await;
+    let mut tags = Vec::new();
+    while tags.len() < 3 {
+        let line = String::from_utf8(c.read_response().await).unwrap();
+        if let Some(t) = line.split(' ').next().filter(|t| t.starts_with('p')) {
+            tags.push(t.to_owned());
+        }
+    }
+    tags.sort();
+    assert_eq!(tags, ["p1", "p2", "p3"]);
+    assert!(tagged_ok(&c.cmd("NOOP").await));
+    drop(c);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn garbage_after_login_is_answered_by_the_backend() {
+    let dovecot = Dovecot::start(DovecotOptions::default());
+    let gw = gateway::start(&pool(dovecot.addr())).await;
+    let mut c = Client::connect(gw.addr).await;
+    c.login("alice", "alicepw").await;
+    c.write(b"\x01\x02 garbage (((\r\n").await;
+    let r = String::from_utf8(c.read_response().await).unwrap();
+    assert!(r.contains("BAD"), "{r}");
+    let r = c.cmd("SELECT INBOX").await;
+    assert!(tagged_ok(&r), "{r}");
+    drop(c);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_command_line_after_login_ends_the_session() {
+    let dovecot = Dovecot::start(DovecotOptions::default());
+    let gw = gateway::start(&pool(dovecot.addr())).await;
+    let mut c = Client::connect(gw.addr).await;
+    c.login("alice", "alicepw").await;
+    let mut long = b"a SEARCH SUBJECT \"".to_vec();
+    long.resize(200 * 1024, b'x');
+    c.write(&long).await;
+    let rest = String::from_utf8(c.read_to_end().await).unwrap();
+    assert_eq!(last_line(&rest), "* BYE [TOOBIG] Command line too long");
+    // The gateway still serves others.
+    let mut other = Client::connect(gw.addr).await;
+    other.login("alice", "alicepw").await;
+    drop(other);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_backend_line_ends_the_session() {
+    let backend = fake::start(AfterLogin::EndlessLine).await;
+    let gw = gateway::start_with(&pool(backend), |c, _| {
+        c.limits.max_backend_line = 1024 * 1024
+    })
+    .await;
+    let mut c = Client::connect(gw.addr).await;
+    c.login("alice", "pw").await;
+    c.write(b"a NOOP\r\n").await;
+    let rest = c.read_to_end().await;
+    assert!(rest.len() < 2 * 1024 * 1024, "relayed {} bytes", rest.len());
+    assert!(
+        rest.ends_with(b"* BYE [UNAVAILABLE] Backend sent an oversized response\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&rest[rest.len().saturating_sub(80)..])
+    );
+    gw.stop().await;
+}

@@ -1,0 +1,155 @@
+//! Literals stream through the gateway: a 50 MB APPEND and a 50 MB FETCH pass with the
+//! gateway process's peak memory growing by far less than the message. The gateway runs as
+//! its own process here so its memory can be read from /proc.
+
+mod common;
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+
+use common::dovecot::{Dovecot, DovecotOptions};
+use common::gateway::backend_toml;
+use common::imap::{Client, WAIT, tagged_ok};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const MESSAGE_SIZE: usize = 50 * 1024 * 1024;
+/// Allowed growth of the gateway's peak RSS while relaying the message both ways: a tenth
+/// of the message, far above the relay's fixed buffers, far below a buffered literal.
+const MAX_GROWTH_KB: u64 = (MESSAGE_SIZE / 10 / 1024) as u64;
+
+struct GatewayProcess(Child);
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn status_kb(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// A deterministic message body: headers, then lines of pseudo-random text.
+fn message() -> Vec<u8> {
+    let mut m = b"From: big@example.org\r\nSubject: big\r\n\r\n".to_vec();
+    let mut x: u32 = 12345;
+    while m.len() < MESSAGE_SIZE - 80 {
+        for _ in 0..76 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            m.push(b'a' + ((x >> 16) % 26) as u8);
+        }
+        m.extend_from_slice(b"\r\n");
+    }
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_megabytes_stream_both_ways_in_bounded_memory() {
+    let dovecot = Dovecot::start(DovecotOptions::default());
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    std::fs::write(
+        dir.path().join("routing.toml"),
+        format!(
+            "default_pool = [\"b\"]\n{}",
+            backend_toml("b", dovecot.addr(), "")
+        ),
+    )
+    .unwrap();
+    let config = dir.path().join("gateway.toml");
+    let mut f = std::fs::File::create(&config).unwrap();
+    writeln!(
+        f,
+        "routing_table = \"routing.toml\"\n[log]\nlevel = \"warn\"\n\
+         [[listeners]]\nname = \"plain\"\naddress = \"127.0.0.1:{port}\"\nallow_plaintext_auth = true"
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_imap-gateway"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let gw = GatewayProcess(child);
+    let pid = gw.0.id();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gateway did not start"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    // Warm up: one full session so the baseline includes the runtime and TLS-free paths.
+    let mut c = Client::connect(addr).await;
+    c.login("alice", "alicepw").await;
+    assert!(tagged_ok(&c.cmd("NOOP").await));
+    let baseline = status_kb(pid, "VmRSS:");
+
+    let msg = message();
+    // A synchronizing literal: the backend's "+" must come through the relay.
+    c.write(format!("a1 APPEND INBOX {{{}}}\r\n", msg.len()).as_bytes())
+        .await;
+    let cont = c.read_response().await;
+    assert!(cont.starts_with(b"+"), "{}", String::from_utf8_lossy(&cont));
+    let mut io = c.into_inner();
+    for chunk in msg.chunks(256 * 1024) {
+        io.write_all(chunk).await.unwrap();
+    }
+    io.write_all(b"\r\n").await.unwrap();
+    let mut c = Client::from_io(io);
+    let r = c.until_tagged("a1").await;
+    assert!(tagged_ok(&r), "{r}");
+
+    let r = c.cmd("SELECT INBOX").await;
+    assert!(r.contains("* 1 EXISTS"), "{r}");
+    c.write(b"a2 FETCH 1 BODY.PEEK[]\r\n").await;
+    let head = {
+        let mut io = c.into_inner();
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while !line.ends_with(b"\r\n") {
+            io.read_exact(&mut b).await.unwrap();
+            line.push(b[0]);
+        }
+        let mut body = vec![0u8; msg.len()];
+        io.read_exact(&mut body).await.unwrap();
+        assert!(body == msg, "fetched body differs from appended body");
+        c = Client::from_io(io);
+        String::from_utf8(line).unwrap()
+    };
+    assert_eq!(head, format!("* 1 FETCH (BODY[] {{{}}}\r\n", msg.len()));
+    let r = c.until_tagged("a2").await;
+    assert!(tagged_ok(&r), "{r}");
+
+    let peak = status_kb(pid, "VmHWM:");
+    let growth = peak.saturating_sub(baseline);
+    println!(
+        "gateway RSS baseline {baseline} kB, peak {peak} kB, growth {growth} kB for a {} kB message",
+        MESSAGE_SIZE / 1024
+    );
+    assert!(
+        growth < MAX_GROWTH_KB,
+        "gateway peak RSS grew by {growth} kB relaying a {} kB literal",
+        MESSAGE_SIZE / 1024
+    );
+    drop(c);
+}
