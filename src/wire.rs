@@ -32,15 +32,28 @@ pub struct MessageBuf {
     max_literal: u64,
     /// Continuations sent for the message being collected.
     continued: usize,
+    /// Whether the peer waits for `+` before a synchronizing literal: clients do; servers
+    /// never wait (their `{N}` literals follow at once).
+    peer_waits: bool,
 }
 
 impl MessageBuf {
-    pub fn new(max_line: usize, max_literal: u64) -> Self {
+    /// A buffer for commands from a client (which waits for `+` on synchronizing literals).
+    pub fn from_client(max_line: usize, max_literal: u64) -> Self {
         Self {
             buf: Vec::new(),
             max_line,
             max_literal,
             continued: 0,
+            peer_waits: true,
+        }
+    }
+
+    /// A buffer for responses from a server.
+    pub fn from_server(max_line: usize, max_literal: u64) -> Self {
+        Self {
+            peer_waits: false,
+            ..Self::from_client(max_line, max_literal)
         }
     }
 
@@ -59,7 +72,9 @@ impl MessageBuf {
                     self.continued = 0;
                     return Ok(Event::Message(len));
                 }
-                Scan::Incomplete { sync_literals } if sync_literals > self.continued => {
+                Scan::Incomplete { sync_literals }
+                    if self.peer_waits && sync_literals > self.continued =>
+                {
                     self.continued += 1;
                     return Ok(Event::NeedContinuation);
                 }
@@ -121,5 +136,38 @@ impl MessageBuf {
     /// Everything still buffered (bytes the peer sent ahead), leaving the buffer empty.
     pub fn into_remaining(self) -> Vec<u8> {
         self.buf
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn server_literals_need_no_continuation() {
+        let mut input: &[u8] = b"* ID (\"name\" {5}\r\nhello)\r\nrest";
+        let mut buf = MessageBuf::from_server(1024, 1024);
+        match buf.next(&mut input).await {
+            Ok(Event::Message(len)) => {
+                assert_eq!(buf.take(len), b"* ID (\"name\" {5}\r\nhello)\r\n")
+            }
+            _ => panic!("expected a whole message"),
+        }
+        assert_eq!(buf.bytes(), b"rest");
+    }
+
+    #[tokio::test]
+    async fn client_literals_wait_for_continuation_once() {
+        let mut input: &[u8] = b"a LOGIN {5}\r\n";
+        let mut buf = MessageBuf::from_client(1024, 1024);
+        assert!(matches!(
+            buf.next(&mut input).await,
+            Ok(Event::NeedContinuation)
+        ));
+        let mut more: &[u8] = b"alice x\r\n";
+        match buf.next(&mut more).await {
+            Ok(Event::Message(len)) => assert_eq!(len, 22),
+            _ => panic!("expected a whole message"),
+        }
     }
 }

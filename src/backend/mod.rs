@@ -137,7 +137,7 @@ impl<'b> Dialogue<'b> {
     fn new(backend: &'b Backend) -> Self {
         Self {
             backend,
-            buf: MessageBuf::new(LOGIN_MAX_LINE, LOGIN_MAX_LITERAL),
+            buf: MessageBuf::from_server(LOGIN_MAX_LINE, LOGIN_MAX_LITERAL),
             next_tag: 0,
         }
     }
@@ -188,8 +188,7 @@ impl<'b> Dialogue<'b> {
     async fn response(&mut self, stream: &mut Stream) -> Result<Vec<u8>, BackendError> {
         match self.buf.next(stream).await {
             Ok(Event::Message(len)) => Ok(self.buf.take(len)),
-            // A backend never waits for our continuation; its literals are not synchronizing.
-            Ok(Event::NeedContinuation) => Err(self.err_protocol("synchronizing literal")),
+            Ok(Event::NeedContinuation) => Err(self.err_protocol("unexpected continuation")),
             Err(e) => Err(self.err_lost(e)),
         }
     }

@@ -88,7 +88,7 @@ impl Preauth {
         limits: Limits,
         deadline: Instant,
     ) -> Self {
-        let buf = MessageBuf::new(limits.max_preauth_line, limits.max_preauth_literal);
+        let buf = MessageBuf::from_client(limits.max_preauth_line, limits.max_preauth_literal);
         Self {
             stream: Some(stream),
             buf,
