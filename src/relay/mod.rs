@@ -196,6 +196,8 @@ where
     let mut buf = vec![0u8; BUF_SIZE.max(ahead.len())];
     buf[..ahead.len()].copy_from_slice(&ahead);
     let mut filled = ahead.len();
+    // The loop below runs for the whole session: do not keep the login-time buffer alive.
+    drop(ahead);
     // When set, the current message is swallowed and this answer is sent once it ends.
     let mut swallow: Option<Vec<u8>> = None;
     loop {
@@ -329,6 +331,8 @@ where
     let mut buf = vec![0u8; BUF_SIZE.max(ahead.len())];
     buf[..ahead.len()].copy_from_slice(&ahead);
     let mut filled = ahead.len();
+    // The loop below runs for the whole session: do not keep the login-time buffer alive.
+    drop(ahead);
     let mut saw_bye = false;
     let mut inject_open = true;
     loop {
