@@ -110,7 +110,7 @@ async fn no_allocation_per_relayed_chunk() {
     // A handful of allocations (format! of the headers here) is not per chunk.
     println!(
         "{allocations} allocations while relaying {} MiB",
-        2 * size >> 20
+        (2 * size) >> 20
     );
     assert!(
         allocations <= 16,
