@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use imap_gateway::Gateway;
 use imap_gateway::config::{Config, LogFormat};
-use imap_gateway::route::RoutingTable;
+use imap_gateway::route::{RouteError, RoutingTable};
 use tokio_util::sync::CancellationToken;
 
 /// Exit code for an invalid configuration.
@@ -50,8 +50,18 @@ fn main() -> ExitCode {
 
 fn check_config(config: &Config) -> ExitCode {
     let mut problems = config.problems();
-    if let Err(e) = RoutingTable::load(&config.routing_table) {
-        problems.push(e.to_string());
+    match RoutingTable::load(&config.routing_table) {
+        Ok(_) => {}
+        // One line per problem, so the count below is the number of problems.
+        Err(RouteError::Invalid(table_problems)) => {
+            let path = config.routing_table.display();
+            problems.extend(
+                table_problems
+                    .iter()
+                    .map(|p| format!("routing table {path}: {p}")),
+            );
+        }
+        Err(e) => problems.push(e.to_string()),
     }
     if problems.is_empty() {
         println!("configuration OK");
