@@ -30,11 +30,21 @@ pub struct MessageBuf {
     buf: Vec<u8>,
     max_line: usize,
     max_literal: u64,
+    /// Bound on a whole message: lines and literals are each within their limits, but a
+    /// message of endless small literals would otherwise be buffered until memory runs out.
+    max_message: usize,
     /// Continuations sent for the message being collected.
     continued: usize,
     /// Whether the peer waits for `+` before a synchronizing literal: clients do; servers
     /// never wait (their `{N}` literals follow at once).
     peer_waits: bool,
+}
+
+/// The largest whole message for the given limits: a line's worth of text and two literals
+/// (a LOGIN's user name and password), however it is split into lines and literals.
+fn max_message(max_line: usize, max_literal: u64) -> usize {
+    let literal = usize::try_from(max_literal).unwrap_or(usize::MAX);
+    max_line.saturating_add(literal.saturating_mul(2))
 }
 
 impl MessageBuf {
@@ -44,6 +54,7 @@ impl MessageBuf {
             buf: Vec::new(),
             max_line,
             max_literal,
+            max_message: max_message(max_line, max_literal),
             continued: 0,
             peer_waits: true,
         }
@@ -60,6 +71,7 @@ impl MessageBuf {
     pub fn set_limits(&mut self, max_line: usize, max_literal: u64) {
         self.max_line = max_line;
         self.max_literal = max_literal;
+        self.max_message = max_message(max_line, max_literal);
     }
 
     /// Reads until a complete message is buffered or the peer needs a continuation.
@@ -71,6 +83,12 @@ impl MessageBuf {
                 Scan::Complete { len } => {
                     self.continued = 0;
                     return Ok(Event::Message(len));
+                }
+                // Incomplete: everything buffered belongs to the message being collected.
+                Scan::Incomplete { .. } if self.buf.len() > self.max_message => {
+                    return Err(ReadError::Frame(FrameError::MessageTooLong {
+                        limit: self.max_message,
+                    }));
                 }
                 Scan::Incomplete { sync_literals }
                     if self.peer_waits && sync_literals > self.continued =>
@@ -169,5 +187,22 @@ mod tests {
             Ok(Event::Message(len)) => assert_eq!(len, 22),
             _ => panic!("expected a whole message"),
         }
+    }
+
+    #[tokio::test]
+    async fn endless_message_of_small_literals_is_refused() {
+        // Each literal and each line is within the limits; the message as a whole is not.
+        let mut input = b"a LOGIN {100+}\r\n".to_vec();
+        for _ in 0..100 {
+            input.extend_from_slice(&[b'x'; 100]);
+            input.extend_from_slice(b" {100+}\r\n");
+        }
+        let mut input = &input[..];
+        let mut buf = MessageBuf::from_client(1024, 1024);
+        assert!(matches!(
+            buf.next(&mut input).await,
+            Err(ReadError::Frame(FrameError::MessageTooLong { limit: 3072 }))
+        ));
+        assert!(buf.bytes().len() <= 3072 + READ_CHUNK);
     }
 }

@@ -120,21 +120,31 @@ impl Preauth {
         )
     }
 
+    /// Writes to the client within the pre-auth deadline: a client that does not read its
+    /// answers must not hold the session past it. Once the deadline has passed, a write still
+    /// gets one try (a BYE fits in the socket buffer of a client that reads).
     async fn send(&mut self, bytes: &[u8]) -> Result<(), PreauthEnd> {
+        let deadline = self.deadline;
         let stream = self.stream()?;
-        stream
-            .write_all(bytes)
-            .await
-            .map_err(|_| PreauthEnd::Closed)?;
-        Ok(())
+        match tokio::time::timeout_at(deadline, stream.write_all(bytes)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(PreauthEnd::Closed),
+            Err(_) => Err(PreauthEnd::Timeout),
+        }
+    }
+
+    /// Closes the sending side (TLS close_notify, then FIN), within the deadline as well.
+    async fn close(&mut self) {
+        let deadline = self.deadline;
+        if let Ok(s) = self.stream() {
+            let _ = tokio::time::timeout_at(deadline, s.shutdown()).await;
+        }
     }
 
     /// Sends BYE and ends the dialogue with `end`.
     async fn bye(&mut self, code: Option<&str>, text: &str, end: PreauthEnd) -> PreauthEnd {
         let _ = self.send(&status(b"", "BYE", code, text)).await;
-        if let Ok(s) = self.stream() {
-            let _ = s.shutdown().await;
-        }
+        self.close().await;
         end
     }
 
@@ -180,6 +190,7 @@ impl Preauth {
                     let text = match e {
                         FrameError::LineTooLong { .. } => "Command line too long.",
                         FrameError::LiteralTooLarge { .. } => "Literal too large.",
+                        FrameError::MessageTooLong { .. } => "Command too long.",
                     };
                     if let (Some(tag), FrameError::LiteralTooLarge { .. }) = (tag, &e) {
                         let _ = self.send(&status(&tag, "BAD", Some("TOOBIG"), text)).await;
@@ -221,9 +232,7 @@ impl Preauth {
                     let mut out = status(b"", "BYE", None, "Logging out.");
                     out.extend(status(&tag, "OK", None, "Logout completed."));
                     let _ = self.send(&out).await;
-                    if let Ok(s) = self.stream() {
-                        let _ = s.shutdown().await;
-                    }
+                    self.close().await;
                     return Err(PreauthEnd::Logout);
                 }
                 PreauthCommand::Id => {

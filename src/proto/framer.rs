@@ -23,6 +23,10 @@ pub enum FrameError {
     LineTooLong { limit: usize },
     #[error("literal of {size} bytes exceeds the limit of {limit} bytes")]
     LiteralTooLarge { size: u64, limit: u64 },
+    /// A whole message over the bound of a buffer that holds messages whole (see
+    /// `wire::MessageBuf`); the streaming framer itself never returns this.
+    #[error("message longer than {limit} bytes")]
+    MessageTooLong { limit: usize },
 }
 
 /// One step of the framer over the input it was given.

@@ -106,6 +106,7 @@ pub async fn run(
             let text = match e {
                 FrameError::LineTooLong { .. } => "* BYE [TOOBIG] Command line too long\r\n",
                 FrameError::LiteralTooLarge { .. } => "* BYE [TOOBIG] Literal too large\r\n",
+                FrameError::MessageTooLong { .. } => "* BYE [TOOBIG] Command too long\r\n",
             };
             let _ = client_w.write_all(text.as_bytes()).await;
             let _ = client_w.shutdown().await;
