@@ -24,7 +24,7 @@ const CAPS_TLS: &str = "IMAP4rev1 SASL-IR LITERAL+ ID ENABLE AUTH=PLAIN AUTH=LOG
 
 const AUTH_FAILED: &str = "NO [AUTHENTICATIONFAILED] Authentication failed.\r\n";
 const PRIVACY: &str =
-    "NO [PRIVACYREQUIRED] Plaintext authentication is disabled; use STARTTLS.\r\n";
+    "NO [PRIVACYREQUIRED] Plaintext authentication is disabled on this connection.\r\n";
 
 fn routing(dovecot: &Dovecot) -> String {
     format!(
@@ -528,6 +528,9 @@ async fn plaintext_auth_disabled_without_tls() {
     expect(&mut c, &format!("d {PRIVACY}")).await;
     send(&mut c, "e AUTHENTICATE PLAIN\r\n").await;
     expect(&mut c, &format!("e {PRIVACY}")).await;
+    // A LOGIN with literals is refused before the `+` that would invite the password.
+    send(&mut c, "e2 LOGIN {5}\r\n").await;
+    expect(&mut c, &format!("e2 {PRIVACY}")).await;
     // Still not authenticated.
     send(&mut c, "f SELECT INBOX\r\n").await;
     expect(&mut c, "f BAD SELECT is not allowed before login.\r\n").await;

@@ -183,6 +183,18 @@ impl Preauth {
                 }
                 Ok(Ok(Event::Message(len))) => return Ok(self.buf.take(len)),
                 Ok(Ok(Event::NeedContinuation)) => {
+                    let head = self.buf.bytes();
+                    if let Some(p) = prescan::prescan(head)
+                        && p.name == CommandName::Login
+                    {
+                        // Refuse now rather than invite a password in clear with `+`.
+                        let tag = p.tag.to_vec();
+                        if self.check_privacy(&tag).await?.is_some() {
+                            // The client waits for `+`: nothing more of this command comes.
+                            self.buf.clear();
+                            continue;
+                        }
+                    }
                     self.send(b"+ Ready for literal data\r\n").await?;
                 }
                 Ok(Err(ReadError::Frame(e))) => {
@@ -306,13 +318,13 @@ impl Preauth {
         if self.auth_allowed() {
             return Ok(None);
         }
-        self.bad(status(
-            tag,
-            "NO",
-            Some("PRIVACYREQUIRED"),
-            "Plaintext authentication is disabled; use STARTTLS.",
-        ))
-        .await?;
+        let text = if self.listener.tls.is_some() {
+            "Plaintext authentication is disabled; use STARTTLS."
+        } else {
+            "Plaintext authentication is disabled on this connection."
+        };
+        self.bad(status(tag, "NO", Some("PRIVACYREQUIRED"), text))
+            .await?;
         Ok(Some(()))
     }
 
