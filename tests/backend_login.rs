@@ -394,3 +394,44 @@ fn check_config_reports_every_problem() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(text(&out.stdout).trim(), "a 127.0.0.1:1143");
 }
+
+/// A backend without AUTH=PLAIN gets the client's credentials by LOGIN: quoted (a password
+/// with quote and backslash) or as a LITERAL+ literal (8-bit bytes). Dovecot cannot be set
+/// up without AUTH=PLAIN (its LOGIN command runs on the PLAIN mechanism), so a scripted
+/// backend records what the gateway sends.
+#[tokio::test]
+async fn login_command_replay_when_backend_lacks_auth_plain() {
+    let (addr, seen) = common::fake::start_recording("IMAP4rev1 LITERAL+ AUTH=LOGIN").await;
+    let gw = gateway::start(&format!(
+        "default_pool = [\"f\"]\n{}",
+        backend_toml("f", addr, "")
+    ))
+    .await;
+    let mut c = Client::connect(gw.addr).await;
+    c.read_response().await;
+    let r = c.cmd("LOGIN quoted \"p\\\"w\\\\x\"").await;
+    assert!(tagged_ok(&r), "{r}");
+    drop(c);
+    let mut c = Client::connect(gw.addr).await;
+    c.read_response().await;
+    let pw = "pässwörd";
+    c.write(format!("a LOGIN eightbit {{{}+}}\r\n{pw}\r\n", pw.len()).as_bytes())
+        .await;
+    let r = c.until_tagged("a").await;
+    assert!(tagged_ok(&r), "{r}");
+    drop(c);
+    gw.stop().await;
+    let seen = seen.lock().unwrap().clone();
+    let logins: Vec<String> = seen
+        .iter()
+        .map(|l| String::from_utf8_lossy(l).into_owned())
+        .filter(|l| l.contains(" LOGIN "))
+        .collect();
+    assert_eq!(
+        logins,
+        [
+            "gw1 LOGIN \"quoted\" \"p\\\"w\\\\x\"\r\n".to_owned(),
+            format!("gw1 LOGIN \"eightbit\" {{{}+}}\r\n{pw}\r\n", pw.len()),
+        ]
+    );
+}

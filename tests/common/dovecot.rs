@@ -52,6 +52,8 @@ pub struct DovecotOptions {
     pub users: Vec<(String, String)>,
     /// `login_trusted_networks = 127.0.0.0/8` (accepts `ID x-originating-ip`).
     pub trusted_networks: bool,
+    /// Settings appended to the generated configuration (later settings win).
+    pub extra_config: String,
 }
 
 impl Default for DovecotOptions {
@@ -68,6 +70,7 @@ impl Default for DovecotOptions {
                 ("carol@example.org".into(), "carolpw".into()),
             ],
             trusted_networks: true,
+            extra_config: String::new(),
         }
     }
 }
@@ -541,6 +544,10 @@ impl Dovecot {
         line("service auth {");
         line("  client_limit = 2048");
         line("}");
+        if !o.extra_config.is_empty() {
+            line("# extra_config");
+            line(&o.extra_config);
+        }
         c
     }
 }
