@@ -80,8 +80,10 @@ impl Gateway {
             .collect()
     }
 
-    /// Serves until `shutdown` is cancelled, then waits for open sessions to end.
+    /// Serves until `shutdown` is cancelled, then waits for open sessions to end, at most
+    /// `timeouts.shutdown_grace`; sessions still open then are dropped with the process.
     pub async fn serve(self, shutdown: CancellationToken) {
+        let grace = self.shared.config.timeouts.shutdown_grace;
         let tracker = TaskTracker::new();
         let mut accept_loops = Vec::new();
         for l in self.listeners {
@@ -95,6 +97,11 @@ impl Gateway {
             let _ = handle.await;
         }
         tracker.close();
-        tracker.wait().await;
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::warn!(
+                sessions = tracker.len(),
+                "shutdown grace period over; closing remaining sessions"
+            );
+        }
     }
 }

@@ -85,10 +85,12 @@ fn route(config: &Config, user: &str) -> ExitCode {
     };
     match table.lookup(user) {
         Some(route) => {
-            println!(
-                "{} {}:{}",
-                route.home.name, route.home.host, route.home.port
-            );
+            let host = &route.home.host;
+            if host.contains(':') {
+                println!("{} [{host}]:{}", route.home.name, route.home.port);
+            } else {
+                println!("{} {host}:{}", route.home.name, route.home.port);
+            }
             ExitCode::SUCCESS
         }
         None => {
@@ -145,6 +147,11 @@ async fn wait_for_signal(shutdown: CancellationToken) {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
-    tracing::info!("shutting down");
+    tracing::info!("shutting down; a second signal exits at once");
     shutdown.cancel();
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    std::process::exit(1);
 }

@@ -15,6 +15,16 @@ use thiserror::Error;
 /// (`IMAP_GATEWAY_LIMITS__MAX_BAD_COMMANDS=5`).
 pub const ENV_PREFIX: &str = "IMAP_GATEWAY_";
 
+/// The top-level keys of the configuration, the only ones read from the environment.
+const SECTIONS: &[&str] = &[
+    "routing_table",
+    "listeners",
+    "limits",
+    "timeouts",
+    "backend_auth",
+    "log",
+];
+
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("cannot load configuration: {0}")]
@@ -133,6 +143,9 @@ pub struct Timeouts {
     /// How long to wait for a backend to answer our LOGOUT after the client went away.
     #[serde(with = "humantime_serde")]
     pub backend_logout: Duration,
+    /// After SIGTERM, how long open sessions may go on before the process exits anyway.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
 }
 
 impl Default for Timeouts {
@@ -142,6 +155,7 @@ impl Default for Timeouts {
             backend_connect: Duration::from_secs(5),
             backend_login: Duration::from_secs(15),
             backend_logout: Duration::from_secs(2),
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
@@ -228,7 +242,18 @@ impl Config {
         if let Some(file) = file {
             figment = figment.merge(Toml::file_exact(file));
         }
-        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
+        // Only variables naming a configuration section are read: Kubernetes injects
+        // IMAP_GATEWAY_PORT, IMAP_GATEWAY_SERVICE_HOST, ... for a Service of that name, and
+        // those must not stop the gateway from starting.
+        figment = figment.merge(
+            Env::prefixed(ENV_PREFIX)
+                .filter(|key| {
+                    let key = key.as_str().to_ascii_lowercase();
+                    let section = key.split("__").next().unwrap_or("");
+                    SECTIONS.contains(&section)
+                })
+                .split("__"),
+        );
         let mut config: Config = figment.extract().map_err(Box::new)?;
         if let Some(dir) = file.and_then(Path::parent) {
             config.resolve_paths(dir);
@@ -370,6 +395,9 @@ mod tests {
         .unwrap();
         figment::Jail::expect_with(|jail| {
             jail.set_env("IMAP_GATEWAY_LIMITS__MAX_BAD_COMMANDS", "4");
+            // What Kubernetes injects for a Service named imap-gateway: ignored.
+            jail.set_env("IMAP_GATEWAY_PORT", "tcp://10.0.0.1:143");
+            jail.set_env("IMAP_GATEWAY_SERVICE_HOST", "10.0.0.1");
             let c = Config::load(Some(&file)).unwrap();
             assert_eq!(c.timeouts.preauth, Duration::from_secs(90));
             assert_eq!(c.limits.max_bad_commands, 4);

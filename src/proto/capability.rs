@@ -33,8 +33,10 @@ fn dropped(cap: &str) -> bool {
         || upper.ends_with("-PLUS")
 }
 
-/// Capabilities the gateway adds after login because it implements them itself.
-const ADDED: &[&str] = &["MAILBOX-REFERRALS", "ID", "NAMESPACE"];
+/// Capabilities the gateway adds after login because it implements them itself (RLIST and
+/// RLSUB are answered as LIST and LSUB when the backend lacks them). ID and NAMESPACE are
+/// relayed to the backend, so they are advertised only when the backend has them.
+const ADDED: &[&str] = &["MAILBOX-REFERRALS"];
 
 /// The post-login list for the client: the backend's, filtered, plus the gateway's own.
 pub fn post_login(backend: &[String]) -> String {
@@ -93,6 +95,11 @@ mod tests {
         assert_eq!(
             post_login(&backend),
             "IMAP4rev1 LOGIN-REFERRALS ID ENABLE IDLE SORT QUOTA NAMESPACE LITERAL+ MAILBOX-REFERRALS"
+        );
+        assert_eq!(
+            post_login(&parse_list("IMAP4rev1 IDLE")),
+            "IMAP4rev1 IDLE MAILBOX-REFERRALS",
+            "ID and NAMESPACE are relayed, so only advertised when the backend has them"
         );
         assert!(has(&backend, "idle"));
         assert!(!has(&backend, "MOVE"));
