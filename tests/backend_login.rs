@@ -7,38 +7,13 @@ mod common;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
 
-use common::dovecot::{Dovecot, DovecotOptions};
+use common::dovecot::{Dovecot, DovecotOptions, login_lines, wait_for_log};
 use common::gateway::{self, backend_toml};
 use common::imap::{Client, last_line, tagged_ok};
 use imap_gateway::config::BackendAuthMode;
 
 const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_imap-gateway");
-
-/// Waits until Dovecot's log satisfies `pred` (its log process writes asynchronously).
-async fn wait_for_log(dovecot: &Dovecot, what: &str, pred: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let log = dovecot.log_contents();
-        if pred(&log) {
-            return log;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "Dovecot log never showed {what}:\n{log}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// The `Login:` lines of the Dovecot log for `user`.
-fn login_lines(log: &str, user: &str) -> Vec<String> {
-    log.lines()
-        .filter(|l| l.contains(&format!(" Login: user=<{user}>,")))
-        .map(str::to_owned)
-        .collect()
-}
 
 /// A client connected to `gateway` from the source address `source` (any of 127.0.0.0/8).
 async fn connect_from(source: [u8; 4], gateway: SocketAddr) -> Client {

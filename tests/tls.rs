@@ -5,9 +5,8 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
-use common::dovecot::{Dovecot, DovecotOptions};
+use common::dovecot::{Dovecot, DovecotOptions, login_lines, wait_for_log};
 use common::gateway::{self, backend_toml};
 use common::imap::{Client, last_line, tagged_ok};
 use common::tls::{TestCa, client_config};
@@ -15,30 +14,6 @@ use imap_gateway::config::{ListenerConfig, ListenerMode};
 
 const MESSAGE: &str = "From: bob@example.org\r\nTo: alice@example.org\r\n\
 Subject: over TLS\r\n\r\nThis message crossed TLS.\r\n";
-
-/// Waits until Dovecot's log satisfies `pred` (the log process writes asynchronously).
-async fn wait_for_log(dovecot: &Dovecot, what: &str, pred: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let log = dovecot.log_contents();
-        if pred(&log) {
-            return log;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "Dovecot log never showed {what}:\n{log}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// Login lines of the Dovecot log for `user`.
-fn login_lines(log: &str, user: &str) -> Vec<String> {
-    log.lines()
-        .filter(|l| l.contains(&format!(" Login: user=<{user}>,")))
-        .map(str::to_owned)
-        .collect()
-}
 
 /// SELECT INBOX and FETCH the seeded message; panics unless both work.
 async fn select_and_fetch(client: &mut Client) {

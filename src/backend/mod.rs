@@ -233,6 +233,21 @@ impl<'b> Dialogue<'b> {
         }
     }
 
+    /// Asks for the capability list (when the server did not volunteer it).
+    async fn capabilities(&mut self, stream: &mut Stream) -> Result<Vec<String>, BackendError> {
+        let tag = self.tag();
+        stream
+            .write_all(format!("{tag} CAPABILITY\r\n").as_bytes())
+            .await
+            .map_err(|e| BackendError::Lost {
+                backend: self.backend.name.clone(),
+                reason: e.to_string(),
+            })?;
+        let mut caps = None;
+        self.until_tagged(stream, &tag, &mut caps).await?;
+        caps.ok_or_else(|| self.err_protocol("no CAPABILITY response"))
+    }
+
     async fn run(
         mut self,
         tcp: TcpStream,
@@ -289,16 +304,7 @@ impl<'b> Dialogue<'b> {
 
         let caps = match caps {
             Some(c) => c,
-            None => {
-                let tag = self.tag();
-                stream
-                    .write_all(format!("{tag} CAPABILITY\r\n").as_bytes())
-                    .await
-                    .map_err(|e| lost(self.backend, e))?;
-                let mut c = None;
-                self.until_tagged(&mut stream, &tag, &mut c).await?;
-                c.ok_or_else(|| self.err_protocol("no CAPABILITY response"))?
-            }
+            None => self.capabilities(&mut stream).await?,
         };
 
         // ID and the login command go out in one write: one round trip instead of two.
@@ -434,16 +440,7 @@ impl<'b> Dialogue<'b> {
         }
         let capabilities = match login_caps {
             Some(c) => c,
-            None => {
-                let tag = self.tag();
-                stream
-                    .write_all(format!("{tag} CAPABILITY\r\n").as_bytes())
-                    .await
-                    .map_err(|e| lost(self.backend, e))?;
-                let mut c = None;
-                self.until_tagged(&mut stream, &tag, &mut c).await?;
-                c.ok_or_else(|| self.err_protocol("no CAPABILITY response"))?
-            }
+            None => self.capabilities(&mut stream).await?,
         };
         Ok(BackendSession {
             stream,

@@ -649,3 +649,28 @@ fn signal_group(pgid: u32, signal: &str) {
             .status();
     }
 }
+
+/// Waits until Dovecot's log satisfies `pred` (its log process writes asynchronously) and
+/// returns the log; fails the test after a bound.
+pub async fn wait_for_log(dovecot: &Dovecot, what: &str, pred: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = dovecot.log_contents();
+        if pred(&log) {
+            return log;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Dovecot log never showed {what}:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The `Login:` lines of the Dovecot log for `user`.
+pub fn login_lines(log: &str, user: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains(&format!(" Login: user=<{user}>,")))
+        .map(str::to_owned)
+        .collect()
+}
