@@ -30,6 +30,9 @@ enum Hash {
 #[derive(Clone, Default)]
 pub struct PassDb {
     users: HashMap<String, Hash>,
+    /// A crypt hash of the file, checked for unknown users so that they take as long as
+    /// known ones: the answer time must not tell which user names exist.
+    decoy: Option<String>,
 }
 
 impl std::fmt::Debug for PassDb {
@@ -92,7 +95,11 @@ impl PassDb {
             users.insert(user.to_owned(), hash);
         }
         if problems.is_empty() {
-            Ok(Self { users })
+            let decoy = users.values().find_map(|h| match h {
+                Hash::ShaCrypt(h) => Some(h.clone()),
+                Hash::Plain(_) => None,
+            });
+            Ok(Self { users, decoy })
         } else {
             Err(problems)
         }
@@ -103,12 +110,21 @@ impl PassDb {
     pub fn verify(&self, user: &str, password: &[u8]) -> bool {
         match self.users.get(user) {
             Some(Hash::Plain(p)) => p.as_slice().ct_eq(password).into(),
-            Some(Hash::ShaCrypt(h)) => PasswordHashRef::new(h)
-                .map(|h| ShaCrypt::default().verify_password(password, h).is_ok())
-                .unwrap_or(false),
-            None => false,
+            Some(Hash::ShaCrypt(h)) => verify_crypt(h, password),
+            None => {
+                if let Some(decoy) = &self.decoy {
+                    verify_crypt(decoy, password);
+                }
+                false
+            }
         }
     }
+}
+
+fn verify_crypt(hash: &str, password: &[u8]) -> bool {
+    PasswordHashRef::new(hash)
+        .map(|h| ShaCrypt::default().verify_password(password, h).is_ok())
+        .unwrap_or(false)
 }
 
 fn is_sha_crypt(s: &str) -> bool {

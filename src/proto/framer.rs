@@ -79,6 +79,8 @@ pub struct Framer {
     tail_len: usize,
     head: [u8; HEAD_LEN],
     head_len: usize,
+    /// How much of the head to keep (a direction that only looks for `* BYE` needs little).
+    head_cap: usize,
     /// Whether the line being framed is the first line of its message.
     in_first_line: bool,
 }
@@ -96,8 +98,15 @@ impl Framer {
             tail_len: 0,
             head: [0; HEAD_LEN],
             head_len: 0,
+            head_cap: HEAD_LEN,
             in_first_line: false,
         }
+    }
+
+    /// Keeps only the first `cap` bytes (at most [`HEAD_LEN`]) of each message's first line.
+    pub fn with_head_capacity(mut self, cap: usize) -> Self {
+        self.head_cap = cap.min(HEAD_LEN);
+        self
     }
 
     /// Whether the framer stands between two messages (a safe point to inject a message).
@@ -199,8 +208,8 @@ impl Framer {
 
     /// Keeps the start of a message's first line for the pre-scanner.
     fn record_head(&mut self, seg: &[u8]) {
-        if self.in_first_line && self.head_len < HEAD_LEN {
-            let take = (HEAD_LEN - self.head_len).min(seg.len());
+        if self.in_first_line && self.head_len < self.head_cap {
+            let take = (self.head_cap - self.head_len).min(seg.len());
             self.head[self.head_len..self.head_len + take].copy_from_slice(&seg[..take]);
             self.head_len += take;
         }

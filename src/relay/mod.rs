@@ -328,7 +328,8 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut framer = Framer::new(opts.max_backend_line, u64::MAX);
+    // Responses are only watched for `* BYE`: keep no more of their heads than that.
+    let mut framer = Framer::new(opts.max_backend_line, u64::MAX).with_head_capacity(BYE.len());
     let mut buf = vec![0u8; BUF_SIZE.max(ahead.len())];
     buf[..ahead.len()].copy_from_slice(&ahead);
     let mut filled = ahead.len();
@@ -387,6 +388,8 @@ where
     }
 }
 
+const BYE: &[u8] = b"* BYE";
+
 fn is_bye(head: &[u8]) -> bool {
-    head.len() >= 5 && head[..5].eq_ignore_ascii_case(b"* BYE")
+    head.len() >= BYE.len() && head[..BYE.len()].eq_ignore_ascii_case(BYE)
 }
