@@ -155,3 +155,24 @@ async fn oversized_backend_line_ends_the_session() {
     );
     gw.stop().await;
 }
+
+/// A backend that refuses a synchronizing literal answers the command instead of `+`, and
+/// the client then sends its next command, not the literal. The relay must not take that
+/// command for literal data.
+#[tokio::test]
+async fn refused_synchronizing_literal_does_not_desynchronize_the_relay() {
+    let dovecot = Dovecot::start(DovecotOptions::default());
+    let gw = gateway::start(&pool(dovecot.addr())).await;
+    let mut c = Client::connect(gw.addr).await;
+    c.login("alice", "alicepw").await;
+    c.write(b"a1 APPEND NoSuchFolder {2000}\r\n").await;
+    let r = String::from_utf8(c.read_response().await).unwrap();
+    assert!(r.starts_with("a1 NO [TRYCREATE]"), "{r}");
+    // Through a desynchronized relay this RLIST would pass as literal data, unrewritten,
+    // and Dovecot would answer BAD.
+    let r = c.cmd("RLIST \"\" \"*\"").await;
+    assert!(tagged_ok(&r), "{r}");
+    assert!(r.contains("* LIST"), "{r}");
+    drop(c);
+    gw.stop().await;
+}

@@ -79,8 +79,6 @@ pub struct Framer {
     tail_len: usize,
     head: [u8; HEAD_LEN],
     head_len: usize,
-    /// How much of the head to keep (a direction that only looks for `* BYE` needs little).
-    head_cap: usize,
     /// Whether the line being framed is the first line of its message.
     in_first_line: bool,
 }
@@ -98,20 +96,21 @@ impl Framer {
             tail_len: 0,
             head: [0; HEAD_LEN],
             head_len: 0,
-            head_cap: HEAD_LEN,
             in_first_line: false,
         }
-    }
-
-    /// Keeps only the first `cap` bytes (at most [`HEAD_LEN`]) of each message's first line.
-    pub fn with_head_capacity(mut self, cap: usize) -> Self {
-        self.head_cap = cap.min(HEAD_LEN);
-        self
     }
 
     /// Whether the framer stands between two messages (a safe point to inject a message).
     pub fn at_message_start(&self) -> bool {
         self.state == State::MessageStart
+    }
+
+    /// The receiver refused the literal just announced (a server answers the command instead
+    /// of `+`): the sender will not send it, so the message ended with the announcing line.
+    pub fn abandon_literal(&mut self) {
+        if matches!(self.state, State::Literal { .. } | State::LineContinue) {
+            self.state = State::MessageStart;
+        }
     }
 
     /// Whether the stream is inside literal data.
@@ -208,8 +207,8 @@ impl Framer {
 
     /// Keeps the start of a message's first line for the pre-scanner.
     fn record_head(&mut self, seg: &[u8]) {
-        if self.in_first_line && self.head_len < self.head_cap {
-            let take = (self.head_cap - self.head_len).min(seg.len());
+        if self.in_first_line && self.head_len < HEAD_LEN {
+            let take = (HEAD_LEN - self.head_len).min(seg.len());
             self.head[self.head_len..self.head_len + take].copy_from_slice(&seg[..take]);
             self.head_len += take;
         }
@@ -375,6 +374,25 @@ a3 LOGIN {5+}\r\nalice ~{3}\r\n\x00\x01\n\r\n* 3 FETCH (BODY[] {4}\r\nab\r\n)\r\
             parse_literal_suffix(b"a {99999999999999999999999}\r\n"),
             None
         );
+    }
+
+    #[test]
+    fn abandoned_literal_ends_the_message() {
+        let mut f = Framer::new(1000, 1000);
+        assert!(matches!(
+            f.next(b"a APPEND x {9}\r\n"),
+            Ok(Piece::Line {
+                literal: Some(_),
+                ..
+            })
+        ));
+        assert!(f.in_literal());
+        f.abandon_literal();
+        assert!(f.at_message_start());
+        assert!(matches!(
+            f.next(b"b NOOP\r\n"),
+            Ok(Piece::Line { first: true, .. })
+        ));
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! COMPRESS) and the only place it may inject a response of its own. Everything else passes
 //! through as the bytes that were read, from a buffer allocated once per direction.
 
+mod gate;
+
 use std::time::Duration;
 
 use thiserror::Error;
@@ -11,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::proto::framer::{FrameError, Framer, HEAD_LEN, Piece};
-use crate::proto::prescan::{CommandName, prescan};
+use crate::proto::prescan::{CommandName, prescan, tag_of};
 use crate::proto::response;
 use crate::stream::Stream;
 
@@ -67,14 +69,23 @@ pub async fn run(
     let (mut client_r, mut client_w) = tokio::io::split(client);
     let (mut backend_r, mut backend_w) = tokio::io::split(backend);
     let (inject_tx, inject_rx) = mpsc::channel(INJECT_QUEUE);
+    let gate = gate::LiteralGate::default();
 
     let outcome = {
-        let up = upstream(&mut client_r, &mut backend_w, client_ahead, inject_tx, opts);
+        let up = upstream(
+            &mut client_r,
+            &mut backend_w,
+            client_ahead,
+            inject_tx,
+            &gate,
+            opts,
+        );
         let down = downstream(
             &mut backend_r,
             &mut client_w,
             backend_ahead,
             inject_rx,
+            &gate,
             opts,
         );
         tokio::select! {
@@ -187,6 +198,7 @@ async fn upstream<R, W>(
     backend: &mut W,
     ahead: Vec<u8>,
     inject: mpsc::Sender<Vec<u8>>,
+    gate: &gate::LiteralGate,
     opts: &RelayOptions,
 ) -> UpEnd
 where
@@ -208,36 +220,41 @@ where
             if framer.at_message_start() && !has_head(&buf[pos..filled]) {
                 break; // wait for enough of the command line to see its name
             }
+            let mut sync_literal = false;
             let piece = match framer.next(&buf[pos..filled]) {
                 Ok(p) => p,
                 Err(e) => return UpEnd::Frame(e),
             };
             let len = match piece {
-                Piece::Line { len, first, .. } => {
+                Piece::Line {
+                    len,
+                    first,
+                    literal,
+                    ..
+                } => {
                     if first
                         && swallow.is_none()
                         && let Some(action) = intercept(&buf[pos..filled], opts)
                     {
-                        {
-                            match action {
-                                Action::Rewrite { name, with } => {
-                                    let name_start = pos + name.start;
-                                    if write(backend, &buf[out_start..name_start]).await.is_err()
-                                        || write(backend, with).await.is_err()
-                                    {
-                                        return UpEnd::BackendGone;
-                                    }
-                                    out_start = pos + name.end;
+                        match action {
+                            Action::Rewrite { name, with } => {
+                                let name_start = pos + name.start;
+                                if write(backend, &buf[out_start..name_start]).await.is_err()
+                                    || write(backend, with).await.is_err()
+                                {
+                                    return UpEnd::BackendGone;
                                 }
-                                Action::Answer(answer) => {
-                                    if write(backend, &buf[out_start..pos]).await.is_err() {
-                                        return UpEnd::BackendGone;
-                                    }
-                                    swallow = Some(answer);
+                                out_start = pos + name.end;
+                            }
+                            Action::Answer(answer) => {
+                                if write(backend, &buf[out_start..pos]).await.is_err() {
+                                    return UpEnd::BackendGone;
                                 }
+                                swallow = Some(answer);
                             }
                         }
                     }
+                    sync_literal = literal.is_some_and(|l| l.sync);
                     len
                 }
                 Piece::LiteralData { len, .. } => len,
@@ -250,6 +267,18 @@ where
                     && inject.send(answer).await.is_err()
                 {
                     return UpEnd::ClientGone { at_boundary: true };
+                }
+            } else if sync_literal {
+                // The backend answers the announcing line with `+` or with a refusal; which
+                // one decides whether the client's next bytes are the literal.
+                // Armed before the line goes out, so the answer cannot come first.
+                let armed = tag_of(framer.head()).is_some_and(|tag| gate.arm(tag));
+                if write(backend, &buf[out_start..pos]).await.is_err() {
+                    return UpEnd::BackendGone;
+                }
+                out_start = pos;
+                if armed && gate.verdict().await == gate::Verdict::Refused {
+                    framer.abandon_literal();
                 }
             }
         }
@@ -322,14 +351,14 @@ async fn downstream<R, W>(
     client: &mut W,
     ahead: Vec<u8>,
     mut inject: mpsc::Receiver<Vec<u8>>,
+    gate: &gate::LiteralGate,
     opts: &RelayOptions,
 ) -> DownEnd
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    // Responses are only watched for `* BYE`: keep no more of their heads than that.
-    let mut framer = Framer::new(opts.max_backend_line, u64::MAX).with_head_capacity(BYE.len());
+    let mut framer = Framer::new(opts.max_backend_line, u64::MAX);
     let mut buf = vec![0u8; BUF_SIZE.max(ahead.len())];
     buf[..ahead.len()].copy_from_slice(&ahead);
     let mut filled = ahead.len();
@@ -346,6 +375,7 @@ where
                         pos += len;
                         if complete && framer.at_message_start() {
                             saw_bye |= is_bye(framer.head());
+                            gate.observe(framer.head());
                         }
                     }
                     Ok(Piece::LiteralData { len, .. }) => pos += len,
