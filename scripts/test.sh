@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of imap-gateway. Installs what the tests need on a fresh Debian 12 machine
 # (run as root): a real Dovecot (the tests start their own instances), curl and python3
-# (independent IMAP clients used by the tests).
+# (independent IMAP clients used by the tests), openssl (hashes a passdb password).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +9,8 @@ missing=()
 [ -x /usr/sbin/dovecot ] || missing+=(dovecot-imapd)
 command -v curl >/dev/null || missing+=(curl)
 command -v python3 >/dev/null || missing+=(python3)
+command -v openssl >/dev/null || missing+=(openssl)
+command -v useradd >/dev/null || missing+=(passwd)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   apt-get update -qq
