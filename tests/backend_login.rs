@@ -127,24 +127,18 @@ async fn master_user_login_with_gateway_passdb() {
         b"Subject: for bob\r\n\r\nbob's own mail\r\n",
     );
     let bob_hash = sha512_crypt("bob gateway secret");
-    let gw = gateway::start_with(
-        &format!(
-            "default_pool = [\"dc\"]\n{}",
-            backend_toml("dc", dovecot.addr(), "")
-        ),
-        |config, dir| {
-            let passdb = dir.join("gateway.passwd");
-            std::fs::write(
-                &passdb,
-                format!("alice:{{PLAIN}}gatewaypw\nbob:{{SHA512-CRYPT}}{bob_hash}\n"),
-            )
-            .unwrap();
-            config.backend_auth.mode = BackendAuthMode::Master;
-            config.backend_auth.master_user = Some("gwmaster".into());
-            config.backend_auth.master_password = Some("masterpw".into());
-            config.backend_auth.passdb = Some(passdb);
-        },
-    )
+    let gw = gateway::start_with(&gateway::single_backend(dovecot.addr()), |config, dir| {
+        let passdb = dir.join("gateway.passwd");
+        std::fs::write(
+            &passdb,
+            format!("alice:{{PLAIN}}gatewaypw\nbob:{{SHA512-CRYPT}}{bob_hash}\n"),
+        )
+        .unwrap();
+        config.backend_auth.mode = BackendAuthMode::Master;
+        config.backend_auth.master_user = Some("gwmaster".into());
+        config.backend_auth.master_password = Some("masterpw".into());
+        config.backend_auth.passdb = Some(passdb);
+    })
     .await;
 
     // The gateway's passwords, not Dovecot's, open the mailboxes.
@@ -377,11 +371,7 @@ fn check_config_reports_every_problem() {
 #[tokio::test]
 async fn login_command_replay_when_backend_lacks_auth_plain() {
     let (addr, seen) = common::fake::start_recording("IMAP4rev1 LITERAL+ AUTH=LOGIN").await;
-    let gw = gateway::start(&format!(
-        "default_pool = [\"f\"]\n{}",
-        backend_toml("f", addr, "")
-    ))
-    .await;
+    let gw = gateway::start(&gateway::single_backend(addr)).await;
     let mut c = Client::connect(gw.addr).await;
     c.read_response().await;
     let r = c.cmd("LOGIN quoted \"p\\\"w\\\\x\"").await;

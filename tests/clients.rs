@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Output;
 
 use common::dovecot::{Dovecot, DovecotOptions};
-use common::gateway::{self, backend_toml};
+use common::gateway;
 use common::imap::{Client, tagged_ok};
 use common::tls::TestCa;
 use imap_gateway::config::{ListenerConfig, ListenerMode};
@@ -84,6 +84,15 @@ print("LOGOUT", typ)
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// curl fetching `url` as `user` (user:password), with a bound on its run time.
+async fn curl(url: &str, user: &str) -> Output {
+    run(
+        "curl",
+        &["-sS", "--max-time", "15", "--url", url, "--user", user],
+    )
+    .await
 }
 
 async fn run(program: &str, args: &[&str]) -> Output {
@@ -206,11 +215,7 @@ async fn assert_changes_reached_dovecot(dovecot: &Dovecot) {
 #[tokio::test]
 async fn python_imaplib_session() {
     let dovecot = seeded_dovecot();
-    let gw = gateway::start(&format!(
-        "default_pool = [\"dc\"]\n{}",
-        backend_toml("dc", dovecot.addr(), "")
-    ))
-    .await;
+    let gw = gateway::start(&gateway::single_backend(dovecot.addr())).await;
     imaplib_session(gw.dir.path(), gw.addr.port(), None).await;
     assert_changes_reached_dovecot(&dovecot).await;
     gw.stop().await;
@@ -219,24 +224,18 @@ async fn python_imaplib_session() {
 #[tokio::test]
 async fn python_imaplib_over_implicit_tls() {
     let dovecot = seeded_dovecot();
-    let gw = gateway::start_with(
-        &format!(
-            "default_pool = [\"dc\"]\n{}",
-            backend_toml("dc", dovecot.addr(), "")
-        ),
-        |config, dir| {
-            let ca = TestCa::new(dir);
-            let (cert, key) = ca.issue(dir, "gateway", &["localhost", "127.0.0.1"]);
-            config.listeners.push(ListenerConfig {
-                name: "imaps".into(),
-                address: "127.0.0.1:0".parse().unwrap(),
-                mode: ListenerMode::Tls,
-                tls_cert: Some(cert),
-                tls_key: Some(key),
-                allow_plaintext_auth: false,
-            });
-        },
-    )
+    let gw = gateway::start_with(&gateway::single_backend(dovecot.addr()), |config, dir| {
+        let ca = TestCa::new(dir);
+        let (cert, key) = ca.issue(dir, "gateway", &["localhost", "127.0.0.1"]);
+        config.listeners.push(ListenerConfig {
+            name: "imaps".into(),
+            address: "127.0.0.1:0".parse().unwrap(),
+            mode: ListenerMode::Tls,
+            tls_cert: Some(cert),
+            tls_key: Some(key),
+            allow_plaintext_auth: false,
+        });
+    })
     .await;
     let ca = gw.dir.path().join("ca.pem");
     imaplib_session(gw.dir.path(), gw.addr_of("imaps").port(), Some(&ca)).await;
@@ -247,27 +246,11 @@ async fn python_imaplib_over_implicit_tls() {
 #[tokio::test]
 async fn curl_fetches_and_lists() {
     let dovecot = seeded_dovecot();
-    let gw = gateway::start(&format!(
-        "default_pool = [\"dc\"]\n{}",
-        backend_toml("dc", dovecot.addr(), "")
-    ))
-    .await;
+    let gw = gateway::start(&gateway::single_backend(dovecot.addr())).await;
     let port = gw.addr.port();
 
     let url = format!("imap://127.0.0.1:{port}/INBOX;UID=1");
-    let out = run(
-        "curl",
-        &[
-            "-sS",
-            "--max-time",
-            "15",
-            "--url",
-            &url,
-            "--user",
-            "alice:alicepw",
-        ],
-    )
-    .await;
+    let out = curl(&url, "alice:alicepw").await;
     assert!(out.status.success(), "curl {url}: {out:?}");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
@@ -276,19 +259,7 @@ async fn curl_fetches_and_lists() {
     );
 
     let url = format!("imap://127.0.0.1:{port}/INBOX;UID=2;SECTION=HEADER.FIELDS%20(SUBJECT)");
-    let out = run(
-        "curl",
-        &[
-            "-sS",
-            "--max-time",
-            "15",
-            "--url",
-            &url,
-            "--user",
-            "alice:alicepw",
-        ],
-    )
-    .await;
+    let out = curl(&url, "alice:alicepw").await;
     assert!(out.status.success(), "curl {url}: {out:?}");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
@@ -297,19 +268,7 @@ async fn curl_fetches_and_lists() {
     );
 
     let url = format!("imap://127.0.0.1:{port}/");
-    let out = run(
-        "curl",
-        &[
-            "-sS",
-            "--max-time",
-            "15",
-            "--url",
-            &url,
-            "--user",
-            "alice:alicepw",
-        ],
-    )
-    .await;
+    let out = curl(&url, "alice:alicepw").await;
     assert!(out.status.success(), "curl {url}: {out:?}");
     let list = String::from_utf8_lossy(&out.stdout);
     let names: Vec<&str> = list
@@ -324,19 +283,7 @@ async fn curl_fetches_and_lists() {
 
     // A wrong password: curl reports a login failure (exit 67), nothing is fetched.
     let url = format!("imap://127.0.0.1:{port}/INBOX;UID=1");
-    let out = run(
-        "curl",
-        &[
-            "-sS",
-            "--max-time",
-            "15",
-            "--url",
-            &url,
-            "--user",
-            "alice:wrong",
-        ],
-    )
-    .await;
+    let out = curl(&url, "alice:wrong").await;
     assert_eq!(
         out.status.code(),
         Some(67),

@@ -4,7 +4,7 @@
 mod common;
 
 use common::dovecot::{Dovecot, DovecotOptions};
-use common::gateway::{self, backend_toml};
+use common::gateway;
 use common::imap::{Client, tagged_ok};
 
 /// A transcript step: the command, and whether it uses a LITERAL+ argument.
@@ -117,11 +117,7 @@ async fn every_command_matches_direct() {
         ],
         ..DovecotOptions::default()
     });
-    let gw = gateway::start(&format!(
-        "default_pool = [\"dc\"]\n{}",
-        backend_toml("dc", dovecot.addr(), "")
-    ))
-    .await;
+    let gw = gateway::start(&gateway::single_backend(dovecot.addr())).await;
 
     let mut direct = Client::connect(dovecot.addr()).await;
     direct.login("direct", "pw1").await;
@@ -190,11 +186,7 @@ async fn every_command_matches_direct() {
 #[tokio::test]
 async fn rlist_through_gateway_equals_list_direct() {
     let dovecot = Dovecot::start(DovecotOptions::default());
-    let gw = gateway::start(&format!(
-        "default_pool = [\"dc\"]\n{}",
-        backend_toml("dc", dovecot.addr(), "")
-    ))
-    .await;
+    let gw = gateway::start(&gateway::single_backend(dovecot.addr())).await;
     let mut direct = Client::connect(dovecot.addr()).await;
     direct.login("alice", "alicepw").await;
     assert!(tagged_ok(&direct.cmd("CREATE Archive/2024").await));
@@ -232,11 +224,7 @@ async fn uid_and_uidvalidity_are_the_backends() {
             format!("Subject: m{i}\r\n\r\nbody {i}\r\n").as_bytes(),
         );
     }
-    let gw = gateway::start(&format!(
-        "default_pool = [\"dc\"]\n{}",
-        backend_toml("dc", dovecot.addr(), "")
-    ))
-    .await;
+    let gw = gateway::start(&gateway::single_backend(dovecot.addr())).await;
     let mut direct = Client::connect(dovecot.addr()).await;
     direct.login("alice", "alicepw").await;
     let d = direct.cmd("EXAMINE INBOX").await;
@@ -267,11 +255,7 @@ async fn uid_and_uidvalidity_are_the_backends() {
 #[tokio::test]
 async fn idle_sees_mail_appended_by_another_session() {
     let dovecot = Dovecot::start(DovecotOptions::default());
-    let gw = gateway::start(&format!(
-        "default_pool = [\"dc\"]\n{}",
-        backend_toml("dc", dovecot.addr(), "")
-    ))
-    .await;
+    let gw = gateway::start(&gateway::single_backend(dovecot.addr())).await;
     let mut idler = Client::connect(gw.addr).await;
     idler.login("bob", "bobpw").await;
     let sel = idler.cmd("SELECT INBOX").await;

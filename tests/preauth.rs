@@ -27,10 +27,7 @@ const PRIVACY: &str =
     "NO [PRIVACYREQUIRED] Plaintext authentication is disabled on this connection.\r\n";
 
 fn routing(dovecot: &Dovecot) -> String {
-    format!(
-        "default_pool = [\"dc\"]\n{}",
-        backend_toml("dc", dovecot.addr(), "")
-    )
+    gateway::single_backend(dovecot.addr())
 }
 
 fn b64(bytes: &[u8]) -> String {

@@ -7,12 +7,8 @@ use std::time::Duration;
 
 use common::dovecot::{Dovecot, DovecotOptions};
 use common::fake::{self, AfterLogin};
-use common::gateway::{self, backend_toml};
+use common::gateway;
 use common::imap::{Client, WAIT, last_line, tagged_ok};
-
-fn pool(addr: std::net::SocketAddr) -> String {
-    format!("default_pool = [\"b\"]\n{}", backend_toml("b", addr, ""))
-}
 
 /// Polls `f` until it returns true or the test's bound passes.
 async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
@@ -29,7 +25,7 @@ async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 #[tokio::test]
 async fn client_gets_bye_when_backend_dies() {
     let backend = fake::start(AfterLogin::DieOnNextCommand).await;
-    let gw = gateway::start(&pool(backend)).await;
+    let gw = gateway::start(&gateway::single_backend(backend)).await;
     let mut c = Client::connect(gw.addr).await;
     c.login("alice", "pw").await;
     c.write(b"a NOOP\r\n").await;
@@ -41,7 +37,7 @@ async fn client_gets_bye_when_backend_dies() {
 #[tokio::test]
 async fn backend_bye_is_passed_once_when_dovecot_stops() {
     let mut dovecot = Dovecot::start(DovecotOptions::default());
-    let gw = gateway::start(&pool(dovecot.addr())).await;
+    let gw = gateway::start(&gateway::single_backend(dovecot.addr())).await;
     let mut c = Client::connect(gw.addr).await;
     c.login("alice", "alicepw").await;
     assert!(tagged_ok(&c.cmd("SELECT INBOX").await));
@@ -54,7 +50,7 @@ async fn backend_bye_is_passed_once_when_dovecot_stops() {
 #[tokio::test]
 async fn backend_is_logged_out_when_client_vanishes() {
     let dovecot = Dovecot::start(DovecotOptions::default());
-    let gw = gateway::start(&pool(dovecot.addr())).await;
+    let gw = gateway::start(&gateway::single_backend(dovecot.addr())).await;
     let mut c = Client::connect(gw.addr).await;
     c.login("bob", "bobpw").await;
     assert!(tagged_ok(&c.cmd("SELECT INBOX").await));
@@ -76,7 +72,7 @@ async fn backend_is_logged_out_when_client_vanishes() {
 #[tokio::test]
 async fn compress_is_refused_by_the_gateway_and_the_session_goes_on() {
     let dovecot = Dovecot::start(DovecotOptions::default());
-    let gw = gateway::start(&pool(dovecot.addr())).await;
+    let gw = gateway::start(&gateway::single_backend(dovecot.addr())).await;
     let mut c = Client::connect(gw.addr).await;
     let login = c.login("alice", "alicepw").await;
     assert!(!login.contains("COMPRESS"), "{login}");
@@ -106,7 +102,7 @@ async fn compress_is_refused_by_the_gateway_and_the_session_goes_on() {
 #[tokio::test]
 async fn garbage_after_login_is_answered_by_the_backend() {
     let dovecot = Dovecot::start(DovecotOptions::default());
-    let gw = gateway::start(&pool(dovecot.addr())).await;
+    let gw = gateway::start(&gateway::single_backend(dovecot.addr())).await;
     let mut c = Client::connect(gw.addr).await;
     c.login("alice", "alicepw").await;
     c.write(b"\x01\x02 garbage (((\r\n").await;
@@ -121,7 +117,7 @@ async fn garbage_after_login_is_answered_by_the_backend() {
 #[tokio::test]
 async fn oversized_command_line_after_login_ends_the_session() {
     let dovecot = Dovecot::start(DovecotOptions::default());
-    let gw = gateway::start(&pool(dovecot.addr())).await;
+    let gw = gateway::start(&gateway::single_backend(dovecot.addr())).await;
     let mut c = Client::connect(gw.addr).await;
     c.login("alice", "alicepw").await;
     let mut long = b"a SEARCH SUBJECT \"".to_vec();
@@ -139,7 +135,7 @@ async fn oversized_command_line_after_login_ends_the_session() {
 #[tokio::test]
 async fn oversized_backend_line_ends_the_session() {
     let backend = fake::start(AfterLogin::EndlessLine).await;
-    let gw = gateway::start_with(&pool(backend), |c, _| {
+    let gw = gateway::start_with(&gateway::single_backend(backend), |c, _| {
         c.limits.max_backend_line = 1024 * 1024
     })
     .await;
@@ -162,7 +158,7 @@ async fn oversized_backend_line_ends_the_session() {
 #[tokio::test]
 async fn refused_synchronizing_literal_does_not_desynchronize_the_relay() {
     let dovecot = Dovecot::start(DovecotOptions::default());
-    let gw = gateway::start(&pool(dovecot.addr())).await;
+    let gw = gateway::start(&gateway::single_backend(dovecot.addr())).await;
     let mut c = Client::connect(gw.addr).await;
     c.login("alice", "alicepw").await;
     c.write(b"a1 APPEND NoSuchFolder {2000}\r\n").await;

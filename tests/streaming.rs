@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
 
 use common::dovecot::{Dovecot, DovecotOptions};
-use common::gateway::backend_toml;
+use common::gateway;
 use common::imap::{Client, WAIT, tagged_ok};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -65,10 +65,7 @@ async fn fifty_megabytes_stream_both_ways_in_bounded_memory() {
     let port = free_port();
     std::fs::write(
         dir.path().join("routing.toml"),
-        format!(
-            "default_pool = [\"b\"]\n{}",
-            backend_toml("b", dovecot.addr(), "")
-        ),
+        gateway::single_backend(dovecot.addr()),
     )
     .unwrap();
     let config = dir.path().join("gateway.toml");

@@ -51,17 +51,11 @@ fn started_dovecot(opts: DovecotOptions) -> Dovecot {
 #[tokio::test]
 async fn client_implicit_tls() {
     let dovecot = started_dovecot(DovecotOptions::default());
-    let gw = gateway::start_with(
-        &format!(
-            "default_pool = [\"dc\"]\n{}",
-            backend_toml("dc", dovecot.addr(), "")
-        ),
-        |config, dir| {
-            config
-                .listeners
-                .push(tls_listener(dir, "imaps", ListenerMode::Tls))
-        },
-    )
+    let gw = gateway::start_with(&gateway::single_backend(dovecot.addr()), |config, dir| {
+        config
+            .listeners
+            .push(tls_listener(dir, "imaps", ListenerMode::Tls))
+    })
     .await;
     let ca = gw.dir.path().join("client-ca/ca.pem");
     let addr = gw.addr_of("imaps");
@@ -96,17 +90,11 @@ async fn client_implicit_tls() {
 #[tokio::test]
 async fn client_starttls_then_login() {
     let dovecot = started_dovecot(DovecotOptions::default());
-    let gw = gateway::start_with(
-        &format!(
-            "default_pool = [\"dc\"]\n{}",
-            backend_toml("dc", dovecot.addr(), "")
-        ),
-        |config, dir| {
-            config
-                .listeners
-                .push(tls_listener(dir, "starttls", ListenerMode::Plain))
-        },
-    )
+    let gw = gateway::start_with(&gateway::single_backend(dovecot.addr()), |config, dir| {
+        config
+            .listeners
+            .push(tls_listener(dir, "starttls", ListenerMode::Plain))
+    })
     .await;
     let ca = gw.dir.path().join("client-ca/ca.pem");
     let addr = gw.addr_of("starttls");

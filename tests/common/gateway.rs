@@ -95,3 +95,8 @@ pub async fn start_with(routing: &str, tweak: impl FnOnce(&mut Config, &Path)) -
         task: Some(task),
     }
 }
+
+/// A routing table that sends every user to the one backend at `addr` (trusted).
+pub fn single_backend(addr: SocketAddr) -> String {
+    format!("default_pool = [\"b\"]\n{}", backend_toml("b", addr, ""))
+}
