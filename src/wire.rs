@@ -68,12 +68,6 @@ impl MessageBuf {
         }
     }
 
-    pub fn set_limits(&mut self, max_line: usize, max_literal: u64) {
-        self.max_line = max_line;
-        self.max_literal = max_literal;
-        self.max_message = max_message(max_line, max_literal);
-    }
-
     /// Reads until a complete message is buffered or the peer needs a continuation.
     pub async fn next<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> Result<Event, ReadError> {
         loop {
@@ -132,11 +126,6 @@ impl MessageBuf {
     /// The buffered bytes.
     pub fn bytes(&self) -> &[u8] {
         &self.buf
-    }
-
-    /// Removes the first `len` bytes (a message that was handled).
-    pub fn consume(&mut self, len: usize) {
-        self.buf.drain(..len);
     }
 
     /// Removes and returns the first `len` bytes.

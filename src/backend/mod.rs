@@ -4,7 +4,6 @@
 pub mod passdb;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -449,6 +448,3 @@ impl<'b> Dialogue<'b> {
         })
     }
 }
-
-/// Shared handle to a backend, for the session.
-pub type BackendRef = Arc<Backend>;

@@ -123,12 +123,6 @@ impl Framer {
         &self.head[..self.head_len]
     }
 
-    /// Changes the literal limit (e.g. once a client is authenticated).
-    pub fn set_limits(&mut self, max_line: usize, max_literal: u64) {
-        self.max_line = max_line;
-        self.max_literal = max_literal;
-    }
-
     /// Frames the next piece of `input` (which must not be empty).
     pub fn next(&mut self, input: &[u8]) -> Result<Piece, FrameError> {
         debug_assert!(!input.is_empty());
