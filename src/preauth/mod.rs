@@ -189,7 +189,7 @@ impl Preauth {
                     {
                         // Refuse now rather than invite a password in clear with `+`.
                         let tag = p.tag.to_vec();
-                        if self.check_privacy(&tag).await?.is_some() {
+                        if self.refused_in_clear(&tag).await? {
                             // The client waits for `+`: nothing more of this command comes.
                             self.buf.clear();
                             continue;
@@ -254,7 +254,7 @@ impl Preauth {
                 }
                 PreauthCommand::StartTls => self.starttls(&tag).await?,
                 PreauthCommand::Login { user, password } => {
-                    if self.check_privacy(&tag).await?.is_some() {
+                    if self.refused_in_clear(&tag).await? {
                         continue;
                     }
                     return Ok(LoginAttempt {
@@ -278,7 +278,7 @@ impl Preauth {
                         .await?;
                         continue;
                     };
-                    if self.check_privacy(&tag).await?.is_some() {
+                    if self.refused_in_clear(&tag).await? {
                         continue;
                     }
                     match self.sasl(&tag, mechanism, initial_response).await? {
@@ -313,10 +313,10 @@ impl Preauth {
     }
 
     /// Refuses authentication on a cleartext connection unless the listener allows it.
-    /// Returns Some(()) when the command was refused.
-    async fn check_privacy(&mut self, tag: &[u8]) -> Result<Option<()>, PreauthEnd> {
+    /// Returns true when the command was refused (and answered).
+    async fn refused_in_clear(&mut self, tag: &[u8]) -> Result<bool, PreauthEnd> {
         if self.auth_allowed() {
-            return Ok(None);
+            return Ok(false);
         }
         let text = if self.listener.tls.is_some() {
             "Plaintext authentication is disabled; use STARTTLS."
@@ -325,7 +325,7 @@ impl Preauth {
         };
         self.bad(status(tag, "NO", Some("PRIVACYREQUIRED"), text))
             .await?;
-        Ok(Some(()))
+        Ok(true)
     }
 
     async fn starttls(&mut self, tag: &[u8]) -> Result<(), PreauthEnd> {
