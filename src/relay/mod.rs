@@ -107,32 +107,24 @@ pub async fn run(
             RelayEnd::ClientGone
         }
         Outcome::Up(UpEnd::BackendGone) => {
-            let _ = client_w
-                .write_all(b"* BYE [UNAVAILABLE] Backend connection lost\r\n")
-                .await;
-            let _ = client_w.shutdown().await;
+            close_client(&mut client_w, Some(BACKEND_LOST)).await;
             RelayEnd::BackendLost
         }
         Outcome::Up(UpEnd::Frame(e)) => {
-            let text = match e {
-                FrameError::LineTooLong { .. } => "* BYE [TOOBIG] Command line too long\r\n",
-                FrameError::LiteralTooLarge { .. } => "* BYE [TOOBIG] Literal too large\r\n",
-                FrameError::MessageTooLong { .. } => "* BYE [TOOBIG] Command too long\r\n",
+            let text: &[u8] = match e {
+                FrameError::LineTooLong { .. } => b"* BYE [TOOBIG] Command line too long\r\n",
+                FrameError::LiteralTooLarge { .. } => b"* BYE [TOOBIG] Literal too large\r\n",
+                FrameError::MessageTooLong { .. } => b"* BYE [TOOBIG] Command too long\r\n",
             };
-            let _ = client_w.write_all(text.as_bytes()).await;
-            let _ = client_w.shutdown().await;
+            close_client(&mut client_w, Some(text)).await;
             RelayEnd::Error(RelayError::ClientFrame(e))
         }
         Outcome::Down(DownEnd::BackendClosed {
             saw_bye,
             at_boundary,
         }) => {
-            if !saw_bye && at_boundary {
-                let _ = client_w
-                    .write_all(b"* BYE [UNAVAILABLE] Backend connection lost\r\n")
-                    .await;
-            }
-            let _ = client_w.shutdown().await;
+            let bye = (!saw_bye && at_boundary).then_some(BACKEND_LOST);
+            close_client(&mut client_w, bye).await;
             if saw_bye {
                 RelayEnd::BackendBye
             } else {
@@ -140,13 +132,22 @@ pub async fn run(
             }
         }
         Outcome::Down(DownEnd::Frame(e)) => {
-            let _ = client_w
-                .write_all(b"\r\n* BYE [UNAVAILABLE] Backend sent an oversized response\r\n")
-                .await;
-            let _ = client_w.shutdown().await;
+            // The response is cut mid-line: end that line so the BYE stands on its own.
+            let bye = b"\r\n* BYE [UNAVAILABLE] Backend sent an oversized response\r\n";
+            close_client(&mut client_w, Some(bye)).await;
             RelayEnd::Error(RelayError::BackendFrame(e))
         }
     }
+}
+
+const BACKEND_LOST: &[u8] = b"* BYE [UNAVAILABLE] Backend connection lost\r\n";
+
+/// Says a last word to the client (when there is one) and closes its sending side.
+async fn close_client<W: AsyncWrite + Unpin>(w: &mut W, last_word: Option<&[u8]>) {
+    if let Some(bye) = last_word {
+        let _ = w.write_all(bye).await;
+    }
+    let _ = w.shutdown().await;
 }
 
 enum Outcome {
