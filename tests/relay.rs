@@ -172,3 +172,34 @@ async fn refused_synchronizing_literal_does_not_desynchronize_the_relay() {
     drop(c);
     gw.stop().await;
 }
+
+/// A client that dies in the middle of an APPEND literal: the gateway must not end the
+/// literal with a LOGOUT of its own (those bytes would become part of the message); the
+/// backend stores nothing.
+#[tokio::test]
+async fn client_dying_mid_append_stores_nothing() {
+    let dovecot = Dovecot::start(DovecotOptions::default());
+    let gw = gateway::start(&gateway::single_backend(dovecot.addr())).await;
+    let mut c = Client::connect(gw.addr).await;
+    c.login("alice", "alicepw").await;
+    // Exactly the length of the LOGOUT the gateway would send: a wrongly sent LOGOUT
+    // would complete this literal and store a message.
+    let logout = b"gwlogout LOGOUT\r\n";
+    c.write(format!("a1 APPEND INBOX {{{}}}\r\n", logout.len() + 4).as_bytes())
+        .await;
+    let cont = c.read_response().await;
+    assert!(cont.starts_with(b"+"), "{}", String::from_utf8_lossy(&cont));
+    c.write(b"Sub:").await;
+    drop(c);
+    let mut check = Client::connect(dovecot.addr()).await;
+    check.login("alice", "alicepw").await;
+    // Wait for the backend to see the end of the dropped session, then count.
+    eventually("the dropped session is over", || {
+        dovecot.log_contents().contains("Disconnected")
+    })
+    .await;
+    let status = check.cmd("STATUS INBOX (MESSAGES)").await;
+    assert!(status.contains("(MESSAGES 0)"), "{status}");
+    drop(check);
+    gw.stop().await;
+}

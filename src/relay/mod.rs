@@ -6,6 +6,7 @@
 
 mod gate;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use thiserror::Error;
@@ -70,6 +71,11 @@ pub async fn run(
     let (mut backend_r, mut backend_w) = tokio::io::split(backend);
     let (inject_tx, inject_rx) = mpsc::channel(INJECT_QUEUE);
     let gate = gate::LiteralGate::default();
+    // Whether the backend stands between two of the client's commands. Only the
+    // client-to-backend side knows; it decides whether a LOGOUT may be sent for a client
+    // that went away, whichever side noticed: a LOGOUT inside an APPEND literal would
+    // become part of the message.
+    let commands_at_boundary = AtomicBool::new(true);
 
     let outcome = {
         let up = upstream(
@@ -78,6 +84,7 @@ pub async fn run(
             client_ahead,
             inject_tx,
             &gate,
+            &commands_at_boundary,
             opts,
         );
         let down = downstream(
@@ -95,12 +102,11 @@ pub async fn run(
     };
 
     match outcome {
-        Outcome::Up(UpEnd::ClientGone { at_boundary })
-        | Outcome::Down(DownEnd::ClientGone { at_boundary }) => {
+        Outcome::Up(UpEnd::ClientGone) | Outcome::Down(DownEnd::ClientGone) => {
             logout_backend(
                 &mut backend_r,
                 &mut backend_w,
-                at_boundary,
+                commands_at_boundary.load(Ordering::Acquire),
                 opts.backend_logout,
             )
             .await;
@@ -156,18 +162,15 @@ enum Outcome {
 }
 
 enum UpEnd {
-    /// The client closed or its connection failed; `at_boundary` tells whether the backend
-    /// stands between commands (so a LOGOUT can be sent).
-    ClientGone {
-        at_boundary: bool,
-    },
+    /// The client closed or its connection failed.
+    ClientGone,
     BackendGone,
     Frame(FrameError),
 }
 
 enum DownEnd {
     BackendClosed { saw_bye: bool, at_boundary: bool },
-    ClientGone { at_boundary: bool },
+    ClientGone,
     Frame(FrameError),
 }
 
@@ -200,6 +203,7 @@ async fn upstream<R, W>(
     ahead: Vec<u8>,
     inject: mpsc::Sender<Vec<u8>>,
     gate: &gate::LiteralGate,
+    at_boundary: &AtomicBool,
     opts: &RelayOptions,
 ) -> UpEnd
 where
@@ -212,6 +216,7 @@ where
     let mut filled = ahead.len();
     // The loop below runs for the whole session: do not keep the login-time buffer alive.
     drop(ahead);
+    at_boundary.store(filled == 0, Ordering::Release);
     // When set, the current message is swallowed and this answer is sent once it ends.
     let mut swallow: Option<Vec<u8>> = None;
     loop {
@@ -267,7 +272,7 @@ where
                     && let Some(answer) = swallow.take()
                     && inject.send(answer).await.is_err()
                 {
-                    return UpEnd::ClientGone { at_boundary: true };
+                    return UpEnd::ClientGone;
                 }
             } else if sync_literal {
                 // The backend answers the announcing line with `+` or with a refusal; which
@@ -293,11 +298,13 @@ where
             buf.truncate(BUF_SIZE);
             buf.shrink_to_fit();
         }
-        let at_boundary = framer.at_message_start() && filled == 0;
+        at_boundary.store(framer.at_message_start() && filled == 0, Ordering::Release);
         match client.read(&mut buf[filled..]).await {
-            Ok(0) | Err(_) => return UpEnd::ClientGone { at_boundary },
+            Ok(0) | Err(_) => return UpEnd::ClientGone,
             Ok(n) => filled += n,
         }
+        // From here until the next read the backend may hold part of a command.
+        at_boundary.store(false, Ordering::Release);
     }
 }
 
@@ -384,9 +391,7 @@ where
                 }
             }
             if client.write_all(&buf[..filled]).await.is_err() {
-                return DownEnd::ClientGone {
-                    at_boundary: framer.at_message_start(),
-                };
+                return DownEnd::ClientGone;
             }
             filled = 0;
         }
@@ -400,7 +405,7 @@ where
                 match answer {
                     Some(answer) => {
                         if client.write_all(&answer).await.is_err() {
-                            return DownEnd::ClientGone { at_boundary: true };
+                            return DownEnd::ClientGone;
                         }
                     }
                     None => inject_open = false,
