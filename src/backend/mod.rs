@@ -238,10 +238,7 @@ impl<'b> Dialogue<'b> {
         stream
             .write_all(format!("{tag} CAPABILITY\r\n").as_bytes())
             .await
-            .map_err(|e| BackendError::Lost {
-                backend: self.backend.name.clone(),
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| self.err_lost(ReadError::Io(e)))?;
         let mut caps = None;
         self.until_tagged(stream, &tag, &mut caps).await?;
         caps.ok_or_else(|| self.err_protocol("no CAPABILITY response"))
@@ -257,11 +254,6 @@ impl<'b> Dialogue<'b> {
             BackendTls::Implicit => self.tls(tcp).await?,
             _ => Stream::Plain(tcp),
         };
-        let lost = |backend: &Backend, e: std::io::Error| BackendError::Lost {
-            backend: backend.name.clone(),
-            reason: e.to_string(),
-        };
-
         // Greeting.
         let greeting = self.response(&mut stream).await?;
         let mut caps = None;
@@ -285,7 +277,7 @@ impl<'b> Dialogue<'b> {
             stream
                 .write_all(format!("{tag} STARTTLS\r\n").as_bytes())
                 .await
-                .map_err(|e| lost(self.backend, e))?;
+                .map_err(|e| self.err_lost(ReadError::Io(e)))?;
             let (status, _) = self.until_tagged(&mut stream, &tag, &mut caps).await?;
             if status != Status::Ok {
                 return Err(self.err_protocol("STARTTLS refused"));
@@ -394,7 +386,7 @@ impl<'b> Dialogue<'b> {
         stream
             .write_all(&out)
             .await
-            .map_err(|e| lost(self.backend, e))?;
+            .map_err(|e| self.err_lost(ReadError::Io(e)))?;
         drop(out);
 
         let mut post_caps = None;
@@ -412,7 +404,7 @@ impl<'b> Dialogue<'b> {
             stream
                 .write_all(&line)
                 .await
-                .map_err(|e| lost(self.backend, e))?;
+                .map_err(|e| self.err_lost(ReadError::Io(e)))?;
         }
         let mut login_caps = None;
         let (status, code) = self
