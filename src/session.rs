@@ -122,15 +122,12 @@ pub async fn run(
             Some(&format!("CAPABILITY {caps}")),
             "Logged in",
         );
-        let Some(client_stream) = preauth.stream_mut() else {
+        let Ok((mut client_stream, client_ahead)) = preauth.into_parts() else {
             return;
         };
         if client_stream.write_all(&answer).await.is_err() {
             return;
         }
-        let Ok((client_stream, client_ahead)) = preauth.into_parts() else {
-            return;
-        };
         info!(mechanism = attempt.mechanism, "logged in");
         drop(attempt);
         let limits = &shared.config.limits;

@@ -431,9 +431,4 @@ impl Preauth {
         let stream = self.stream.ok_or(PreauthEnd::Closed)?;
         Ok((stream, self.buf.into_remaining()))
     }
-
-    /// The client stream, for writing the login answer.
-    pub fn stream_mut(&mut self) -> Option<&mut Stream> {
-        self.stream.as_mut()
-    }
 }
