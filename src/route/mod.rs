@@ -4,4 +4,6 @@
 
 mod table;
 
-pub use table::{Backend, BackendTls, Route, RouteError, RoutingTable};
+pub use table::{
+    Backend, BackendTls, Mount, MountTarget, NamespaceKind, Route, RouteError, RoutingTable,
+};

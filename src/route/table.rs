@@ -48,6 +48,19 @@ struct RouteSpec {
     backend: String,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MountSpec {
+    users: String,
+    prefix: String,
+    backend: Option<String>,
+    #[serde(default)]
+    path: String,
+    referral: Option<String>,
+    #[serde(default)]
+    namespace: NamespaceKind,
+}
+
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct TableFile {
@@ -57,6 +70,73 @@ struct TableFile {
     routes: Vec<RouteSpec>,
     #[serde(default)]
     default_pool: Vec<String>,
+    #[serde(default)]
+    mounts: Vec<MountSpec>,
+}
+
+/// The NAMESPACE group (RFC 2342) a mount is announced in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum NamespaceKind {
+    Personal,
+    Other,
+    #[default]
+    Shared,
+}
+
+/// What a mount's prefix leads to.
+#[derive(Debug)]
+pub enum MountTarget {
+    /// A subtree of a backend the gateway proxies: `path` (levels, possibly none) is the
+    /// backend's name for the prefix.
+    Backend {
+        backend: Arc<Backend>,
+        path: Vec<String>,
+    },
+    /// A mailbox on a server the gateway does not proxy (RFC 2193 referral), as an IMAP URL.
+    Referral(String),
+}
+
+/// A part of another server's mailbox tree shown in a user's session under a prefix.
+#[derive(Debug)]
+pub struct Mount {
+    /// The client-visible levels of the prefix (joined with the session's delimiter).
+    pub prefix: Vec<String>,
+    pub target: MountTarget,
+    pub namespace: NamespaceKind,
+}
+
+/// Who a mount applies to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Scope {
+    All,
+    Domain(String),
+    User(String),
+}
+
+impl Scope {
+    fn parse(users: &str) -> Option<Scope> {
+        let users = users.to_ascii_lowercase();
+        if users == "*" {
+            return Some(Scope::All);
+        }
+        match users.strip_prefix("*@") {
+            Some(d) if !d.is_empty() && !d.contains(['@', '*']) => Some(Scope::Domain(d.into())),
+            _ if users.is_empty() || users.contains('*') => None,
+            _ => Some(Scope::User(users)),
+        }
+    }
+
+    /// Whether some user gets mounts of both scopes.
+    fn meets(&self, other: &Scope) -> bool {
+        match (self, other) {
+            (Scope::All, _) | (_, Scope::All) => true,
+            (Scope::Domain(a), Scope::Domain(b)) | (Scope::User(a), Scope::User(b)) => a == b,
+            (Scope::Domain(d), Scope::User(u)) | (Scope::User(u), Scope::Domain(d)) => {
+                u.rsplit_once('@').is_some_and(|(_, ud)| ud == d)
+            }
+        }
+    }
 }
 
 /// One backend server.
@@ -89,6 +169,8 @@ impl std::fmt::Debug for Backend {
 #[derive(Debug, Clone)]
 pub struct Route {
     pub home: Arc<Backend>,
+    /// Other servers' subtrees in this user's session; prefixes never overlap.
+    pub mounts: Vec<Arc<Mount>>,
 }
 
 /// The immutable routing table.
@@ -99,6 +181,9 @@ pub struct RoutingTable {
     domains: HashMap<String, usize>,
     /// Pool members with the hash seed derived from their name.
     pool: Vec<(usize, u64)>,
+    mounts_all: Vec<Arc<Mount>>,
+    mounts_domain: HashMap<String, Vec<Arc<Mount>>>,
+    mounts_user: HashMap<String, Vec<Arc<Mount>>>,
 }
 
 impl RoutingTable {
@@ -212,11 +297,123 @@ impl RoutingTable {
             }
         }
 
+        table.parse_mounts(file.mounts, &by_name, &mut problems);
+
         if problems.is_empty() {
             Ok(table)
         } else {
             Err(RouteError::Invalid(problems))
         }
+    }
+
+    fn parse_mounts(
+        &mut self,
+        specs: Vec<MountSpec>,
+        by_name: &HashMap<String, usize>,
+        problems: &mut Vec<String>,
+    ) {
+        let mut accepted: Vec<(Scope, Arc<Mount>)> = Vec::new();
+        for spec in specs {
+            let who = format!("mount {:?} for {:?}", spec.prefix, spec.users);
+            let Some(scope) = Scope::parse(&spec.users) else {
+                problems.push(format!(
+                    "{who}: users must be \"*\", \"*@domain\" or a user name"
+                ));
+                continue;
+            };
+            let prefix = match mailbox_levels(&spec.prefix) {
+                Ok(levels) if levels.is_empty() => {
+                    problems.push(format!("{who}: prefix is empty"));
+                    continue;
+                }
+                Ok(levels) if levels[0].eq_ignore_ascii_case("INBOX") => {
+                    problems.push(format!("{who}: prefix must not be INBOX or under it"));
+                    continue;
+                }
+                Ok(levels) => levels,
+                Err(e) => {
+                    problems.push(format!("{who}: prefix {e}"));
+                    continue;
+                }
+            };
+            let target = match (spec.backend, spec.referral) {
+                (Some(name), None) => {
+                    let Some(&idx) = by_name.get(&name) else {
+                        problems.push(format!("{who}: unknown backend {name:?}"));
+                        continue;
+                    };
+                    let path = match mailbox_levels(&spec.path) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            problems.push(format!("{who}: path {e}"));
+                            continue;
+                        }
+                    };
+                    MountTarget::Backend {
+                        backend: Arc::clone(&self.backends[idx]),
+                        path,
+                    }
+                }
+                (None, Some(url)) => {
+                    if !spec.path.is_empty() {
+                        problems.push(format!("{who}: path is for backend mounts only"));
+                    }
+                    let lower = url.to_ascii_lowercase();
+                    if !lower.starts_with("imap://") || lower.len() <= "imap://".len() {
+                        problems.push(format!("{who}: referral must be an imap:// URL"));
+                        continue;
+                    }
+                    if url.bytes().any(|b| b <= b' ' || b == b']' || b >= 0x7f) {
+                        problems.push(format!(
+                            "{who}: referral URL has spaces, controls, ']' or 8-bit bytes"
+                        ));
+                        continue;
+                    }
+                    MountTarget::Referral(url)
+                }
+                _ => {
+                    problems.push(format!("{who}: give exactly one of backend and referral"));
+                    continue;
+                }
+            };
+            let mount = Arc::new(Mount {
+                prefix,
+                target,
+                namespace: spec.namespace,
+            });
+            if let Some((_, other)) = accepted
+                .iter()
+                .find(|(s, m)| s.meets(&scope) && levels_overlap(&m.prefix, &mount.prefix))
+            {
+                problems.push(format!(
+                    "{who}: prefix overlaps the mount {:?} for the same users",
+                    other.prefix.join("/")
+                ));
+                continue;
+            }
+            accepted.push((scope, mount));
+        }
+        for (scope, mount) in accepted {
+            match scope {
+                Scope::All => self.mounts_all.push(mount),
+                Scope::Domain(d) => self.mounts_domain.entry(d).or_default().push(mount),
+                Scope::User(u) => self.mounts_user.entry(u).or_default().push(mount),
+            }
+        }
+    }
+
+    /// The mounts that apply to `user` (already lower-cased).
+    fn mounts_for(&self, user: &str) -> Vec<Arc<Mount>> {
+        let mut mounts = self.mounts_all.clone();
+        if let Some((_, domain)) = user.rsplit_once('@')
+            && let Some(m) = self.mounts_domain.get(domain)
+        {
+            mounts.extend(m.iter().cloned());
+        }
+        if let Some(m) = self.mounts_user.get(user) {
+            mounts.extend(m.iter().cloned());
+        }
+        mounts
     }
 
     /// The route for `user`: exact rule, then domain rule, then the default pool.
@@ -234,6 +431,7 @@ impl RoutingTable {
             .or_else(|| self.pool_pick(&user))?;
         Some(Route {
             home: Arc::clone(&self.backends[idx]),
+            mounts: self.mounts_for(&user),
         })
     }
 
@@ -250,6 +448,31 @@ impl RoutingTable {
     pub fn backends(&self) -> &[Arc<Backend>] {
         &self.backends
     }
+}
+
+/// Splits a mailbox path written with `/` into its levels; `""` has none. Levels must not be
+/// empty or hold wildcards or control characters: they become mailbox names.
+fn mailbox_levels(path: &str) -> Result<Vec<String>, String> {
+    let path = path.trim_end_matches('/');
+    if path.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut levels = Vec::new();
+    for level in path.split('/') {
+        if level.is_empty() {
+            return Err(format!("{path:?} has an empty level"));
+        }
+        if level.contains(['*', '%']) || level.chars().any(char::is_control) {
+            return Err(format!("{path:?} has a wildcard or control character"));
+        }
+        levels.push(level.to_owned());
+    }
+    Ok(levels)
+}
+
+/// Whether one list of levels equals the other or lies above it.
+fn levels_overlap(a: &[String], b: &[String]) -> bool {
+    a.iter().zip(b).all(|(x, y)| x == y)
 }
 
 /// Splits `host:port` or `[v6]:port`.
@@ -357,5 +580,85 @@ mod tests {
             assert!((4_500..5_500).contains(&c), "{counts:?}");
         }
         assert!((3_600..4_400).contains(&moved), "moved {moved}");
+    }
+
+    const MOUNT_BACKENDS: &str = "default_pool = [\"h\"]\n\
+        [[backends]]\nname = \"h\"\naddress = \"h:1\"\n\
+        [[backends]]\nname = \"s\"\naddress = \"s:1\"\n";
+
+    #[test]
+    fn mounts_by_scope() {
+        let t = table(&format!(
+            "{MOUNT_BACKENDS}\
+             [[mounts]]\nusers = \"*\"\nprefix = \"Shared/\"\nbackend = \"s\"\npath = \"Public\"\n\
+             [[mounts]]\nusers = \"*@Example.org\"\nprefix = \"Archive\"\nbackend = \"s\"\nnamespace = \"personal\"\n\
+             [[mounts]]\nusers = \"alice@example.org\"\nprefix = \"Remote/Sales\"\nreferral = \"imap://x.example/Sales\"\n"
+        ));
+        let prefixes = |u: &str| -> Vec<String> {
+            t.lookup(u)
+                .unwrap()
+                .mounts
+                .iter()
+                .map(|m| m.prefix.join("/"))
+                .collect()
+        };
+        assert_eq!(prefixes("bob"), ["Shared"]);
+        assert_eq!(prefixes("bob@example.org"), ["Shared", "Archive"]);
+        assert_eq!(
+            prefixes("ALICE@example.org"),
+            ["Shared", "Archive", "Remote/Sales"]
+        );
+        let alice = t.lookup("alice@example.org").unwrap();
+        let MountTarget::Backend { backend, path } = &alice.mounts[0].target else {
+            panic!("backend mount expected")
+        };
+        assert_eq!(
+            (backend.name.as_str(), path.as_slice()),
+            ("s", &["Public".to_owned()][..])
+        );
+        assert_eq!(alice.mounts[0].namespace, NamespaceKind::Shared);
+        assert_eq!(alice.mounts[1].namespace, NamespaceKind::Personal);
+        assert!(
+            matches!(&alice.mounts[2].target, MountTarget::Referral(u) if u == "imap://x.example/Sales")
+        );
+    }
+
+    #[test]
+    fn bad_mounts_are_all_reported() {
+        let err = RoutingTable::parse(
+            &format!(
+                "{MOUNT_BACKENDS}\
+                 [[mounts]]\nusers = \"*\"\nprefix = \"Shared\"\nbackend = \"s\"\n\
+                 [[mounts]]\nusers = \"*@a.org\"\nprefix = \"Shared/Team\"\nbackend = \"h\"\n\
+                 [[mounts]]\nusers = \"x@a.org\"\nprefix = \"A\"\nbackend = \"nope\"\n\
+                 [[mounts]]\nusers = \"x@a.org\"\nprefix = \"INBOX/x\"\nbackend = \"s\"\n\
+                 [[mounts]]\nusers = \"x@a.org\"\nprefix = \"a//b\"\nbackend = \"s\"\n\
+                 [[mounts]]\nusers = \"x@a.org\"\nprefix = \"B\"\nreferral = \"http://x\"\n\
+                 [[mounts]]\nusers = \"x@a.org\"\nprefix = \"C\"\nbackend = \"s\"\nreferral = \"imap://x\"\n\
+                 [[mounts]]\nusers = \"a*\"\nprefix = \"D\"\nbackend = \"s\"\n\
+                 [[mounts]]\nusers = \"y@a.org\"\nprefix = \"%\"\nbackend = \"s\"\n"
+            ),
+            Path::new("."),
+        )
+        .unwrap_err();
+        let RouteError::Invalid(p) = err else {
+            panic!("{err}")
+        };
+        assert_eq!(p.len(), 8, "{p:?}");
+        assert!(p[0].contains("overlaps"), "{p:?}");
+        assert!(p[1].contains("unknown backend"), "{p:?}");
+    }
+
+    #[test]
+    fn mounts_of_users_that_never_meet_may_share_a_prefix() {
+        let t = table(&format!(
+            "{MOUNT_BACKENDS}\
+             [[mounts]]\nusers = \"*@a.org\"\nprefix = \"Shared\"\nbackend = \"s\"\n\
+             [[mounts]]\nusers = \"*@b.org\"\nprefix = \"Shared\"\nbackend = \"h\"\n\
+             [[mounts]]\nusers = \"x@c.org\"\nprefix = \"Shared\"\nbackend = \"h\"\n\
+             [[mounts]]\nusers = \"*@a.org\"\nprefix = \"SharedX\"\nbackend = \"h\"\n"
+        ));
+        assert_eq!(t.lookup("x@a.org").unwrap().mounts.len(), 2);
+        assert_eq!(t.lookup("x@c.org").unwrap().mounts.len(), 1);
     }
 }
