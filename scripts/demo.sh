@@ -428,6 +428,13 @@ backend = "demo-a"
 [[routes]]
 user = "*@example.org"
 backend = "demo-b"
+
+# A mount: alice's home is demo-a, and her folders on demo-b appear under "Shared".
+[[mounts]]
+users = "alice"
+prefix = "Shared"
+backend = "demo-b"
+namespace = "shared"
 EOF
 
 "$GATEWAY" check-config --config "$DEMO_DIR/gateway.toml" >/dev/null

@@ -17,8 +17,8 @@ use crate::config::{BackendAuthMode, Config};
 use crate::preauth::{ListenerCtx, LoginAttempt, Preauth};
 use crate::proto::capability;
 use crate::proto::response::status;
-use crate::relay::{self, RelayOptions};
-use crate::route::{Route, RoutingTable};
+use crate::relay::{self, RelayOptions, murder};
+use crate::route::{Backend, Route, RoutingTable};
 use crate::stream::Stream;
 
 /// What every session shares: configuration, the current routing table, credentials.
@@ -115,7 +115,11 @@ pub async fn run(
             }
         };
         tracing::Span::current().record("backend", route.home.name.as_str());
-        let caps = capability::post_login(&session.capabilities);
+        let caps = if route.mounts.is_empty() {
+            capability::post_login(&session.capabilities)
+        } else {
+            capability::post_login_mounts(&session.capabilities)
+        };
         let answer = status(
             &attempt.tag,
             "OK",
@@ -128,8 +132,11 @@ pub async fn run(
         if client_stream.write_all(&answer).await.is_err() {
             return;
         }
-        info!(mechanism = attempt.mechanism, "logged in");
-        drop(attempt);
+        info!(
+            mechanism = attempt.mechanism,
+            mounts = route.mounts.len(),
+            "logged in"
+        );
         let limits = &shared.config.limits;
         let opts = RelayOptions {
             max_command_line: limits.max_command_line,
@@ -138,14 +145,41 @@ pub async fn run(
             backend_logout: shared.config.timeouts.backend_logout,
             rewrite_referrals: !capability::has(&session.capabilities, "MAILBOX-REFERRALS"),
         };
-        let end = relay::run(
-            client_stream,
-            client_ahead,
-            session.stream,
-            session.leftover,
-            &opts,
-        )
-        .await;
+        let end = if route.mounts.is_empty() {
+            drop(attempt);
+            relay::run(
+                client_stream,
+                client_ahead,
+                session.stream,
+                session.leftover,
+                &opts,
+            )
+            .await
+        } else {
+            // Mounted backends are logged into later, with the same credentials.
+            let connector = MountConnector {
+                shared: Arc::clone(&shared),
+                user: attempt.user.clone(),
+                password: attempt.password.clone(),
+                client,
+            };
+            drop(attempt);
+            let home = murder::Connected {
+                stream: session.stream,
+                leftover: session.leftover,
+                capabilities: session.capabilities,
+            };
+            murder::run(
+                client_stream,
+                client_ahead,
+                Arc::clone(&route.home),
+                home,
+                route.mounts.clone(),
+                &connector,
+                &opts,
+            )
+            .await
+        };
         info!(end = ?end, "session ended");
     }
     .instrument(span)
@@ -170,43 +204,27 @@ async fn login(
         info!("no route for user");
         return Err(LoginFailure::BadCredentials);
     };
-    let auth = &shared.config.backend_auth;
-    let creds = match auth.mode {
-        BackendAuthMode::Replay => BackendCredentials::Replay {
-            user: &attempt.user,
-            password: &attempt.password,
-        },
-        BackendAuthMode::Master => {
-            let (Some(passdb), Some(master_user), Some(master_password)) = (
-                shared.passdb.clone(),
-                auth.master_user.as_deref(),
-                shared.master_password.as_ref(),
-            ) else {
-                warn!("master mode without passdb or master credentials");
-                return Err(LoginFailure::Unavailable);
-            };
-            let user = attempt.user.clone();
-            let password = attempt.password.clone();
-            // Crypt schemes cost milliseconds of CPU: keep them off the async workers.
-            let ok = tokio::task::spawn_blocking(move || passdb.verify(&user, &password))
-                .await
-                .unwrap_or(false);
-            if !ok {
-                info!("password rejected by passdb");
-                return Err(LoginFailure::BadCredentials);
-            }
-            BackendCredentials::Master {
-                user: &attempt.user,
-                master_user,
-                master_password: master_password.as_bytes(),
-            }
+    if shared.config.backend_auth.mode == BackendAuthMode::Master {
+        let (Some(passdb), true) = (shared.passdb.clone(), master_credentials(shared).is_some())
+        else {
+            warn!("master mode without passdb or master credentials");
+            return Err(LoginFailure::Unavailable);
+        };
+        let user = attempt.user.clone();
+        let password = attempt.password.clone();
+        // Crypt schemes cost milliseconds of CPU: keep them off the async workers.
+        let ok = tokio::task::spawn_blocking(move || passdb.verify(&user, &password))
+            .await
+            .unwrap_or(false);
+        if !ok {
+            info!("password rejected by passdb");
+            return Err(LoginFailure::BadCredentials);
         }
+    }
+    let Some(creds) = credentials(shared, &attempt.user, &attempt.password) else {
+        return Err(LoginFailure::Unavailable);
     };
-    let timeouts = backend::Timeouts {
-        connect: shared.config.timeouts.backend_connect,
-        login: shared.config.timeouts.backend_login,
-    };
-    match backend::login(&route.home, &creds, client, &timeouts).await {
+    match backend::login(&route.home, &creds, client, &timeouts(shared)).await {
         Ok(session) => Ok((route, session)),
         Err(BackendError::AuthFailed { .. }) => {
             info!("backend rejected credentials");
@@ -216,5 +234,65 @@ async fn login(
             warn!(error = %e, kind = e.kind(), "backend login failed");
             Err(LoginFailure::Unavailable)
         }
+    }
+}
+
+fn timeouts(shared: &Shared) -> backend::Timeouts {
+    backend::Timeouts {
+        connect: shared.config.timeouts.backend_connect,
+        login: shared.config.timeouts.backend_login,
+    }
+}
+
+fn master_credentials(shared: &Shared) -> Option<(&str, &[u8])> {
+    Some((
+        shared.config.backend_auth.master_user.as_deref()?,
+        shared.master_password.as_ref()?.as_bytes(),
+    ))
+}
+
+/// How the gateway logs in on a backend for `user`: the client's own password, or the master
+/// user (whose passdb check was done at the client's login).
+fn credentials<'a>(
+    shared: &'a Shared,
+    user: &'a str,
+    password: &'a [u8],
+) -> Option<BackendCredentials<'a>> {
+    match shared.config.backend_auth.mode {
+        BackendAuthMode::Replay => Some(BackendCredentials::Replay { user, password }),
+        BackendAuthMode::Master => {
+            let (master_user, master_password) = master_credentials(shared)?;
+            Some(BackendCredentials::Master {
+                user,
+                master_user,
+                master_password,
+            })
+        }
+    }
+}
+
+/// Logs in to a user's mounted backends when the session first needs them, the same way the
+/// home login was done.
+struct MountConnector {
+    shared: Arc<Shared>,
+    user: String,
+    password: Zeroizing<Vec<u8>>,
+    client: ClientInfo,
+}
+
+impl murder::Connector for MountConnector {
+    fn connect<'a>(&'a self, backend: &'a Backend) -> murder::ConnectFuture<'a> {
+        Box::pin(async move {
+            let creds = credentials(&self.shared, &self.user, &self.password)
+                .ok_or_else(|| "no credentials for the backend".to_owned())?;
+            let session = backend::login(backend, &creds, &self.client, &timeouts(&self.shared))
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(murder::Connected {
+                stream: session.stream,
+                leftover: session.leftover,
+                capabilities: session.capabilities,
+            })
+        })
     }
 }

@@ -56,6 +56,31 @@ pub fn post_login(backend: &[String]) -> String {
     caps.join(" ")
 }
 
+/// Extensions a session with mounts cannot honour across servers: the merged LIST answers
+/// only the base syntax, NOTIFY would need every server's events, and CATENATE/URLAUTH name
+/// messages by URLs that point into one server.
+const NOT_ACROSS_SERVERS: &[&str] = &[
+    "LIST-EXTENDED",
+    "LIST-STATUS",
+    "LIST-MYRIGHTS",
+    "NOTIFY",
+    "CATENATE",
+    "URLAUTH",
+    "URL-PARTIAL",
+    "MULTISEARCH",
+];
+
+/// The post-login list for a session with mounts: [`post_login`] without the extensions
+/// that cannot span several servers.
+pub fn post_login_mounts(backend: &[String]) -> String {
+    let kept: Vec<String> = backend
+        .iter()
+        .filter(|c| !NOT_ACROSS_SERVERS.iter().any(|n| c.eq_ignore_ascii_case(n)))
+        .cloned()
+        .collect();
+    post_login(&kept)
+}
+
 /// Case-insensitive membership test.
 pub fn has(caps: &[String], name: &str) -> bool {
     caps.iter().any(|c| c.eq_ignore_ascii_case(name))

@@ -5,6 +5,7 @@
 //! through as the bytes that were read, from a buffer allocated once per direction.
 
 mod gate;
+pub mod murder;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;

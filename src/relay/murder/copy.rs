@@ -1,0 +1,508 @@
+//! COPY and MOVE (and their UID forms) in a session with mounts. Within one backend the
+//! command is relayed with the target name translated. Between backends the gateway does it:
+//! it reads each message's flags and internal date, streams its body from the selected
+//! mailbox into an APPEND on the target, and for MOVE removes exactly the copied messages
+//! from the source (UID EXPUNGE). Until everything is copied the source is untouched; a
+//! failure half-way removes the copies already made on the target and answers NO.
+
+use super::wire::ForwardError;
+use super::{Conn, End, MAX_REWRITTEN, Murder, Place, Slot, Step, Updates};
+use crate::proto::args::{self, Item, LiteralForm, Value};
+use crate::proto::framer::parse_literal_suffix;
+use crate::proto::response::{Status, parse_status_line};
+
+/// One message to copy.
+struct Meta {
+    uid: u32,
+    flags: Vec<Vec<u8>>,
+    date: Vec<u8>,
+}
+
+/// Why a cross-server copy stopped.
+enum Failure {
+    /// The source connection broke.
+    SourceLost,
+    /// The target connection broke.
+    TargetLost,
+    /// A server said NO or BAD; the client gets this code and text.
+    Refused { code: Option<String>, text: String },
+}
+
+impl Murder<'_> {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn copy(
+        &mut self,
+        tag: &[u8],
+        cmd: &[u8],
+        items: &[Item<'_>],
+        idx: usize,
+        mv: bool,
+        uid: bool,
+        literals: bool,
+    ) -> Step {
+        let Some(s) = self.selected else {
+            // Nothing selected: home gives the standard answer.
+            return self
+                .exec_raw(0, cmd, tag, literals, Updates::Deliver)
+                .await
+                .map(drop);
+        };
+        let (Some(set), Some(name)) = (
+            items.get(idx - 1).and_then(|i| i.value.as_bytes()),
+            items.get(idx).and_then(|i| i.value.as_bytes()),
+        ) else {
+            return self
+                .reply(tag, "BAD", None, "Expected a message set and a mailbox")
+                .await;
+        };
+        let set = set.to_vec();
+        let (t, tname) = match self.place(name).await {
+            Place::On(t, n) => (t, n),
+            other => return self.refuse_place(tag, other).await,
+        };
+        if t == s {
+            let cmd = if t == 0 {
+                cmd.to_vec()
+            } else {
+                super::replace_args(cmd, &[(&items[idx], tname)])
+            };
+            let literals = literals || super::needs_literal(&cmd);
+            return self
+                .exec_raw(t, &cmd, tag, literals, Updates::Deliver)
+                .await
+                .map(drop);
+        }
+        if self.up(s).is_none() {
+            return self.unavailable(tag).await;
+        }
+        if mv && !self.up(s).is_some_and(|c| c.has("UIDPLUS")) {
+            return self
+                .reply(
+                    tag,
+                    "NO",
+                    Some("CANNOT"),
+                    "MOVE to another server needs UIDPLUS on this one",
+                )
+                .await;
+        }
+        if !self.up(t).is_some_and(|c| c.has("LITERAL+")) {
+            return self
+                .reply(
+                    tag,
+                    "NO",
+                    Some("CANNOT"),
+                    "The target server does not take streamed messages",
+                )
+                .await;
+        }
+
+        // Both connections leave their slots for the duration; they go back below whatever
+        // happens.
+        let (Slot::Up(mut src), Slot::Up(mut dst)) = (
+            std::mem::replace(&mut self.conns[s].slot, Slot::Idle),
+            std::mem::replace(&mut self.conns[t].slot, Slot::Idle),
+        ) else {
+            return Err(End::HomeLost);
+        };
+        let mut updates: Vec<Vec<u8>> = Vec::new();
+        let mut expunges: Vec<Vec<u8>> = Vec::new();
+        let outcome = match transfer(&mut src, &mut dst, &set, uid, &tname, &mut updates).await {
+            // MOVE: remove the originals only once every copy exists.
+            Ok(done) if mv => match expunge(&mut src, &done.0, &mut expunges).await {
+                Ok(()) => Ok(done),
+                Err(f) => {
+                    remove_copies(&mut dst, &tname, &done.1).await;
+                    Err(f)
+                }
+            },
+            other => other,
+        };
+        let target_ok = !matches!(outcome, Err(Failure::TargetLost));
+        let source_ok = !matches!(outcome, Err(Failure::SourceLost));
+        self.conns[s].slot = if source_ok {
+            Slot::Up(src)
+        } else {
+            Slot::Down(tokio::time::Instant::now())
+        };
+        self.conns[t].slot = if target_ok {
+            Slot::Up(dst)
+        } else {
+            Slot::Down(tokio::time::Instant::now())
+        };
+        if !source_ok && s == 0 {
+            return Err(End::HomeLost);
+        }
+        if !target_ok && t == 0 {
+            return Err(End::HomeLost);
+        }
+        for u in &updates {
+            self.client.write(u).await.map_err(|_| End::ClientGone)?;
+        }
+        match outcome {
+            Ok((src_uids, dst_uids, validity)) => {
+                let code = copyuid(validity, &src_uids, &dst_uids);
+                if mv {
+                    if let Some(code) = &code {
+                        let line = format!("* OK [{code}] Moved\r\n");
+                        self.client
+                            .write(line.as_bytes())
+                            .await
+                            .map_err(|_| End::ClientGone)?;
+                    }
+                    for e in &expunges {
+                        self.client.write(e).await.map_err(|_| End::ClientGone)?;
+                    }
+                    self.reply(tag, "OK", None, "Move completed").await
+                } else {
+                    self.reply(tag, "OK", code.as_deref(), "Copy completed")
+                        .await
+                }
+            }
+            Err(Failure::Refused { code, text }) => {
+                self.reply(tag, "NO", code.as_deref(), &text).await
+            }
+            Err(Failure::SourceLost | Failure::TargetLost) => self.unavailable(tag).await,
+        }
+    }
+}
+
+/// `COPYUID validity src dst` when the target reported every new UID (UIDPLUS).
+fn copyuid(validity: Option<u32>, src: &[u32], dst: &[u32]) -> Option<String> {
+    let v = validity?;
+    if dst.len() != src.len() || src.is_empty() {
+        return None;
+    }
+    let join = |u: &[u32]| u.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    Some(format!("COPYUID {v} {} {}", join(src), join(dst)))
+}
+
+type Appended = (Vec<u32>, Vec<u32>, Option<u32>);
+
+/// Copies the messages `set` of the source's selected mailbox to `tname` on the target.
+/// Returns the source UIDs, the target UIDs and the target's UIDVALIDITY (when reported).
+/// On failure, copies already made on the target are removed.
+async fn transfer(
+    src: &mut Conn,
+    dst: &mut Conn,
+    set: &[u8],
+    uid: bool,
+    tname: &[u8],
+    updates: &mut Vec<Vec<u8>>,
+) -> Result<Appended, Failure> {
+    let metas = fetch_meta(src, set, uid, updates).await?;
+    let mut src_uids = Vec::new();
+    let mut dst_uids = Vec::new();
+    let mut validity = None;
+    for meta in &metas {
+        match copy_one(src, dst, meta, tname, updates).await {
+            Ok(appended) => {
+                src_uids.push(meta.uid);
+                if let Some((v, u)) = appended {
+                    validity = Some(v);
+                    dst_uids.push(u);
+                }
+            }
+            Err(f) => {
+                if !matches!(f, Failure::TargetLost) && dst_uids.len() == src_uids.len() {
+                    remove_copies(dst, tname, &dst_uids).await;
+                }
+                return Err(f);
+            }
+        }
+    }
+    Ok((src_uids, dst_uids, validity))
+}
+
+/// Flags, internal date and UID of each message of the set.
+async fn fetch_meta(
+    src: &mut Conn,
+    set: &[u8],
+    uid: bool,
+    updates: &mut Vec<Vec<u8>>,
+) -> Result<Vec<Meta>, Failure> {
+    let tag = src.tag();
+    let mut cmd = format!("{tag} {}FETCH ", if uid { "UID " } else { "" }).into_bytes();
+    cmd.extend_from_slice(set);
+    cmd.extend_from_slice(b" (UID FLAGS INTERNALDATE)\r\n");
+    src.wire
+        .write(&cmd)
+        .await
+        .map_err(|_| Failure::SourceLost)?;
+    let mut metas = Vec::new();
+    loop {
+        let msg = src
+            .wire
+            .whole(MAX_REWRITTEN)
+            .await
+            .map_err(|_| Failure::SourceLost)?;
+        let Some((t, _, _)) = args::head(&msg) else {
+            continue;
+        };
+        if t == tag.as_bytes() {
+            return match parse_status_line(&msg) {
+                Some(s) if s.status == Status::Ok => Ok(metas),
+                Some(s) => Err(Failure::Refused {
+                    code: s.code.map(str::to_owned),
+                    text: s.text.to_owned(),
+                }),
+                None => Err(Failure::SourceLost),
+            };
+        }
+        match parse_meta(&msg) {
+            Some(m) => metas.push(m),
+            None => updates.push(msg),
+        }
+    }
+}
+
+/// The UID, flags and internal date of a `* n FETCH (...)` response that has all three.
+fn parse_meta(msg: &[u8]) -> Option<Meta> {
+    let (_, _, off) = args::head(msg)?;
+    let items = args::parse(msg, off).ok()?;
+    if !items
+        .first()?
+        .value
+        .as_bytes()?
+        .eq_ignore_ascii_case(b"FETCH")
+    {
+        return None;
+    }
+    let Value::List(att) = &items.get(1)?.value else {
+        return None;
+    };
+    let (mut uid, mut flags, mut date) = (None, None, None);
+    for pair in att.chunks(2) {
+        let [k, v] = pair else { break };
+        let key = k.value.as_bytes()?.to_ascii_uppercase();
+        match key.as_slice() {
+            b"UID" => uid = std::str::from_utf8(v.value.as_bytes()?).ok()?.parse().ok(),
+            b"FLAGS" => {
+                let Value::List(f) = &v.value else {
+                    return None;
+                };
+                flags = Some(
+                    f.iter()
+                        .filter_map(|x| x.value.as_bytes())
+                        // \Recent belongs to the server's session; APPEND may not set it.
+                        .filter(|x| !x.eq_ignore_ascii_case(b"\\Recent"))
+                        .map(<[u8]>::to_vec)
+                        .collect(),
+                );
+            }
+            b"INTERNALDATE" => date = Some(v.value.as_bytes()?.to_vec()),
+            _ => {}
+        }
+    }
+    Some(Meta {
+        uid: uid?,
+        flags: flags?,
+        date: date?,
+    })
+}
+
+/// Streams one message from the source into an APPEND on the target. Returns the target's
+/// `(UIDVALIDITY, UID)` when it reports APPENDUID.
+async fn copy_one(
+    src: &mut Conn,
+    dst: &mut Conn,
+    meta: &Meta,
+    tname: &[u8],
+    updates: &mut Vec<Vec<u8>>,
+) -> Result<Option<(u32, u32)>, Failure> {
+    let ftag = src.tag();
+    src.wire
+        .write(format!("{ftag} UID FETCH {} (BODY.PEEK[])\r\n", meta.uid).as_bytes())
+        .await
+        .map_err(|_| Failure::SourceLost)?;
+    let atag = dst.tag();
+    let mut sent = false;
+    loop {
+        let head = src.wire.head().await.map_err(|_| Failure::SourceLost)?;
+        if args::head(head).is_some_and(|(t, _, _)| t == ftag.as_bytes()) {
+            let msg = src
+                .wire
+                .whole(MAX_REWRITTEN)
+                .await
+                .map_err(|_| Failure::SourceLost)?;
+            match parse_status_line(&msg) {
+                Some(s) if s.status == Status::Ok && sent => break,
+                Some(s) if s.status == Status::Ok => {
+                    return Err(Failure::Refused {
+                        code: Some("EXPUNGEISSUED".into()),
+                        text: "A message to copy no longer exists".into(),
+                    });
+                }
+                Some(s) => {
+                    return Err(Failure::Refused {
+                        code: s.code.map(str::to_owned),
+                        text: s.text.to_owned(),
+                    });
+                }
+                None => return Err(Failure::SourceLost),
+            }
+        }
+        let body_literal = !sent
+            && head.starts_with(b"* ")
+            && memchr::memmem::find(&head.to_ascii_uppercase(), b"BODY[]").is_some();
+        let literal = if body_literal {
+            parse_literal_suffix(head)
+        } else {
+            None
+        };
+        let Some(literal) = literal else {
+            // Another response (an update for the selected mailbox): the client gets it later.
+            let msg = src
+                .wire
+                .whole(MAX_REWRITTEN)
+                .await
+                .map_err(|_| Failure::SourceLost)?;
+            updates.push(msg);
+            continue;
+        };
+        let head_len = head.len();
+        let mut cmd = format!("{atag} APPEND ").into_bytes();
+        args::push_string(&mut cmd, tname, LiteralForm::NonSync);
+        cmd.extend_from_slice(b" (");
+        for (k, f) in meta.flags.iter().enumerate() {
+            if k > 0 {
+                cmd.push(b' ');
+            }
+            cmd.extend_from_slice(f);
+        }
+        cmd.extend_from_slice(b") ");
+        args::push_string(&mut cmd, &meta.date, LiteralForm::NonSync);
+        cmd.extend_from_slice(format!(" {{{}+}}\r\n", literal.size).as_bytes());
+        dst.wire
+            .write(&cmd)
+            .await
+            .map_err(|_| Failure::TargetLost)?;
+        src.wire.consume(head_len);
+        match src
+            .wire
+            .copy_exact(literal.size, &mut dst.wire.stream)
+            .await
+        {
+            Ok(()) => {}
+            Err(ForwardError::Source) => return Err(Failure::SourceLost),
+            Err(ForwardError::Sink) => return Err(Failure::TargetLost),
+        }
+        dst.wire
+            .write(b"\r\n")
+            .await
+            .map_err(|_| Failure::TargetLost)?;
+        // The rest of the FETCH response (`)` and any item after the body).
+        src.wire
+            .forward::<crate::stream::Stream>(None)
+            .await
+            .map_err(|_| Failure::SourceLost)?;
+        sent = true;
+    }
+    loop {
+        let msg = dst
+            .wire
+            .whole(MAX_REWRITTEN)
+            .await
+            .map_err(|_| Failure::TargetLost)?;
+        if args::head(&msg).is_none_or(|(t, _, _)| t != atag.as_bytes()) {
+            continue;
+        }
+        return match parse_status_line(&msg) {
+            Some(s) if s.status == Status::Ok => Ok(s.code.and_then(parse_appenduid)),
+            Some(s) => Err(Failure::Refused {
+                code: s.code.map(str::to_owned),
+                text: s.text.to_owned(),
+            }),
+            None => Err(Failure::TargetLost),
+        };
+    }
+}
+
+/// `APPENDUID <validity> <uid>` (RFC 4315).
+fn parse_appenduid(code: &str) -> Option<(u32, u32)> {
+    let mut words = code.split_ascii_whitespace();
+    if !words.next()?.eq_ignore_ascii_case("APPENDUID") {
+        return None;
+    }
+    Some((words.next()?.parse().ok()?, words.next()?.parse().ok()?))
+}
+
+/// MOVE's second half: marks the copied messages and expunges exactly those.
+async fn expunge(src: &mut Conn, uids: &[u32], expunges: &mut Vec<Vec<u8>>) -> Result<(), Failure> {
+    if uids.is_empty() {
+        return Ok(());
+    }
+    let set = uids
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    for cmd in [
+        format!("UID STORE {set} +FLAGS.SILENT (\\Deleted)"),
+        format!("UID EXPUNGE {set}"),
+    ] {
+        let tag = src.tag();
+        src.wire
+            .write(format!("{tag} {cmd}\r\n").as_bytes())
+            .await
+            .map_err(|_| Failure::SourceLost)?;
+        loop {
+            let msg = src
+                .wire
+                .whole(MAX_REWRITTEN)
+                .await
+                .map_err(|_| Failure::SourceLost)?;
+            if args::head(&msg).is_some_and(|(t, _, _)| t == tag.as_bytes()) {
+                match parse_status_line(&msg) {
+                    Some(s) if s.status == Status::Ok => break,
+                    Some(s) => {
+                        return Err(Failure::Refused {
+                            code: s.code.map(str::to_owned),
+                            text: format!(
+                                "Copied, but the originals could not be removed: {}",
+                                s.text
+                            ),
+                        });
+                    }
+                    None => return Err(Failure::SourceLost),
+                }
+            }
+            expunges.push(msg);
+        }
+    }
+    Ok(())
+}
+
+/// Removes messages appended to `tname` on the target (a failed copy leaves nothing behind).
+/// Best effort: the client's answer is NO either way.
+async fn remove_copies(dst: &mut Conn, tname: &[u8], uids: &[u32]) {
+    if uids.is_empty() || !dst.has("UIDPLUS") {
+        return;
+    }
+    let set = uids
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut select = b"SELECT ".to_vec();
+    args::push_string(&mut select, tname, LiteralForm::NonSync);
+    let unselect = if dst.has("UNSELECT") {
+        "UNSELECT"
+    } else {
+        "CLOSE"
+    };
+    for cmd in [
+        select,
+        format!("UID STORE {set} +FLAGS.SILENT (\\Deleted)").into_bytes(),
+        format!("UID EXPUNGE {set}").into_bytes(),
+        unselect.as_bytes().to_vec(),
+    ] {
+        let tag = dst.tag();
+        let mut line = format!("{tag} ").into_bytes();
+        line.extend_from_slice(&cmd);
+        line.extend_from_slice(b"\r\n");
+        if dst.wire.write(&line).await.is_err() || super::read_until_quiet(dst, &tag).await.is_err()
+        {
+            return;
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! Mailbox names in a session with mounts: which server holds a client's name, and the
+//! translation of names between the client's view (the home delimiter, mount prefixes) and
+//! a mounted backend's (its own delimiter, the mount's path).
+
+use crate::route::Mount;
+
+/// The INBOX name, which is case-insensitive (RFC 3501).
+pub fn is_inbox(level: &[u8]) -> bool {
+    level.eq_ignore_ascii_case(b"INBOX")
+}
+
+/// The levels of a name; a server without a delimiter has flat names.
+pub fn levels(name: &[u8], delim: Option<u8>) -> Vec<&[u8]> {
+    match delim {
+        Some(d) => name.split(|&b| b == d).collect(),
+        None => vec![name],
+    }
+}
+
+/// The client's name of a mount's prefix.
+pub fn client_prefix(mount: &Mount, delim: u8) -> Vec<u8> {
+    join(mount.prefix.iter().map(String::as_bytes), delim)
+}
+
+pub fn join<'a>(levels: impl IntoIterator<Item = &'a [u8]>, delim: u8) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, l) in levels.into_iter().enumerate() {
+        if i > 0 {
+            out.push(delim);
+        }
+        out.extend_from_slice(l);
+    }
+    out
+}
+
+/// The mount that holds `name` (a client name) and the levels of `name` below its prefix.
+/// INBOX and everything under it is always the home backend's.
+pub fn find_mount<'n>(
+    mounts: &[std::sync::Arc<Mount>],
+    name: &'n [u8],
+    delim: u8,
+) -> Option<(usize, Vec<&'n [u8]>)> {
+    let levels = levels(name, Some(delim));
+    if levels.first().is_some_and(|l| is_inbox(l)) {
+        return None;
+    }
+    mounts.iter().enumerate().find_map(|(i, m)| {
+        let k = m.prefix.len();
+        (levels.len() >= k
+            && m.prefix
+                .iter()
+                .zip(&levels)
+                .all(|(p, l)| p.as_bytes() == *l))
+        .then(|| (i, levels[k..].to_vec()))
+    })
+}
+
+/// Why a client name cannot be given to the backend that holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Untranslatable {
+    /// A level contains the backend's hierarchy delimiter.
+    ForeignDelimiter(u8),
+    /// The backend has flat names and the name has levels.
+    Flat,
+    /// The backend's own INBOX is not part of the mount.
+    MountedInbox,
+}
+
+impl Untranslatable {
+    pub fn text(self) -> String {
+        match self {
+            Untranslatable::ForeignDelimiter(d) => format!(
+                "Mailbox name contains {:?}, the hierarchy delimiter of the server that holds it",
+                d as char
+            ),
+            Untranslatable::Flat => "The server that holds this mailbox has no hierarchy".into(),
+            Untranslatable::MountedInbox => "No such mailbox".into(),
+        }
+    }
+}
+
+/// The backend's name for the levels `rest` below a mount whose backend name is `path`.
+pub fn to_backend(
+    path: &[String],
+    rest: &[&[u8]],
+    delim: Option<u8>,
+) -> Result<Vec<u8>, Untranslatable> {
+    if path.is_empty() && rest.first().is_some_and(|l| is_inbox(l)) {
+        return Err(Untranslatable::MountedInbox);
+    }
+    let all: Vec<&[u8]> = path
+        .iter()
+        .map(String::as_bytes)
+        .chain(rest.iter().copied())
+        .collect();
+    match delim {
+        Some(d) => {
+            if rest.iter().any(|l| l.contains(&d)) {
+                return Err(Untranslatable::ForeignDelimiter(d));
+            }
+            Ok(join(all, d))
+        }
+        None if all.len() > 1 => Err(Untranslatable::Flat),
+        None => Ok(all.first().map(|l| l.to_vec()).unwrap_or_default()),
+    }
+}
+
+/// The client's name for a backend's mailbox `name` seen through a mount, or None when it is
+/// outside the mount, is the backend's own INBOX, or has a level the client could not tell
+/// from two levels (it contains the home delimiter).
+pub fn to_client(
+    prefix: &[u8],
+    path: &[String],
+    name: &[u8],
+    delim: Option<u8>,
+    home_delim: u8,
+) -> Option<Vec<u8>> {
+    let levels = levels(name, delim);
+    if levels.len() < path.len() || !path.iter().zip(&levels).all(|(p, l)| p.as_bytes() == *l) {
+        return None;
+    }
+    let rest = &levels[path.len()..];
+    if path.is_empty() && rest.first().is_some_and(|l| is_inbox(l)) {
+        return None;
+    }
+    if rest.iter().any(|l| l.contains(&home_delim) || l.is_empty()) {
+        return None;
+    }
+    let mut out = prefix.to_vec();
+    for l in rest {
+        out.push(home_delim);
+        out.extend_from_slice(l);
+    }
+    Some(out)
+}
+
+/// The referral URL for `rest` below a referral mount: the levels appended as URL path
+/// segments, with everything outside the unreserved characters percent-encoded.
+pub fn referral_url(base: &str, rest: &[&[u8]]) -> String {
+    let mut url = base.trim_end_matches('/').to_owned();
+    for level in rest {
+        url.push('/');
+        for &b in *level {
+            if b.is_ascii_alphanumeric() || b"-._~&=+,!$'()*".contains(&b) {
+                url.push(b as char);
+            } else {
+                url.push_str(&format!("%{b:02X}"));
+            }
+        }
+    }
+    url
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::route::{MountTarget, NamespaceKind};
+
+    fn mount(prefix: &[&str]) -> Arc<Mount> {
+        Arc::new(Mount {
+            prefix: prefix.iter().map(|s| s.to_string()).collect(),
+            target: MountTarget::Referral("imap://x/".into()),
+            namespace: NamespaceKind::Shared,
+        })
+    }
+
+    #[test]
+    fn finds_the_mount_by_whole_levels() {
+        let mounts = [mount(&["Shared"]), mount(&["Remote", "Sales"])];
+        assert_eq!(find_mount(&mounts, b"Shared", b'/'), Some((0, vec![])));
+        assert_eq!(
+            find_mount(&mounts, b"Shared/Team/x", b'/'),
+            Some((0, vec![&b"Team"[..], b"x"]))
+        );
+        assert_eq!(find_mount(&mounts, b"SharedX", b'/'), None);
+        assert_eq!(find_mount(&mounts, b"Remote", b'/'), None);
+        assert_eq!(
+            find_mount(&mounts, b"Remote.Sales.a", b'.'),
+            Some((1, vec![&b"a"[..]]))
+        );
+        assert_eq!(find_mount(&mounts, b"INBOX", b'/'), None);
+    }
+
+    #[test]
+    fn translates_both_ways() {
+        let path = vec!["Public".to_string()];
+        assert_eq!(
+            to_backend(&path, &[b"Team", b"R"], Some(b'.')).unwrap(),
+            b"Public.Team.R"
+        );
+        assert_eq!(
+            to_backend(&path, &[b"a.b"], Some(b'.')),
+            Err(Untranslatable::ForeignDelimiter(b'.'))
+        );
+        assert_eq!(
+            to_backend(&[], &[b"inbox"], Some(b'.')),
+            Err(Untranslatable::MountedInbox)
+        );
+        assert_eq!(to_backend(&[], &[], Some(b'.')).unwrap(), b"");
+        assert_eq!(
+            to_client(b"Shared", &path, b"Public.Team.R", Some(b'.'), b'/').unwrap(),
+            b"Shared/Team/R"
+        );
+        assert_eq!(
+            to_client(b"Shared", &path, b"Public", Some(b'.'), b'/').unwrap(),
+            b"Shared"
+        );
+        assert_eq!(
+            to_client(b"Shared", &path, b"Publicity", Some(b'.'), b'/'),
+            None
+        );
+        assert_eq!(
+            to_client(b"Shared", &path, b"Public.a/b", Some(b'.'), b'/'),
+            None
+        );
+        assert_eq!(to_client(b"A", &[], b"INBOX", Some(b'.'), b'/'), None);
+        assert_eq!(
+            to_client(b"A", &[], b"2024.Q1", Some(b'.'), b'/').unwrap(),
+            b"A/2024/Q1"
+        );
+    }
+
+    #[test]
+    fn referral_urls_are_encoded() {
+        assert_eq!(
+            referral_url("imap://h/Sales", &[b"Q 1", b"x"]),
+            "imap://h/Sales/Q%201/x"
+        );
+        assert_eq!(referral_url("imap://h/Sales", &[]), "imap://h/Sales");
+    }
+}

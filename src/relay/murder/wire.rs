@@ -1,0 +1,193 @@
+//! Buffered reading of one side of a session with mounts: whole messages for the responses
+//! the gateway rewrites, and message-at-a-time forwarding (constant memory, literals
+//! included) for everything it passes through.
+
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::proto::framer::{FrameError, Framer, HEAD_LEN, Piece, Scan, scan_message};
+use crate::stream::Stream;
+
+/// Read buffer per connection: one TLS record.
+const BUF_SIZE: usize = 16 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("connection closed")]
+    Closed,
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("framing: {0}")]
+    Frame(#[from] FrameError),
+    #[error("message over {0} bytes")]
+    TooLong(usize),
+}
+
+/// Where forwarding a message failed.
+#[derive(Debug)]
+pub enum ForwardError {
+    /// Reading from this side failed.
+    Source,
+    /// Writing to the other side failed.
+    Sink,
+}
+
+pub struct Wire {
+    pub stream: Stream,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    max_line: usize,
+}
+
+impl Wire {
+    /// `ahead` are bytes already read from the stream.
+    pub fn new(stream: Stream, ahead: Vec<u8>, max_line: usize) -> Self {
+        let end = ahead.len();
+        let mut buf = ahead;
+        buf.resize(BUF_SIZE.max(end), 0);
+        Self {
+            stream,
+            buf,
+            start: 0,
+            end,
+            max_line,
+        }
+    }
+
+    pub fn buffered(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    pub fn consume(&mut self, n: usize) {
+        self.start += n.min(self.end - self.start);
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+            if self.buf.len() > BUF_SIZE {
+                // A large message passed; do not keep its buffer for the whole session.
+                self.buf.truncate(BUF_SIZE);
+                self.buf.shrink_to_fit();
+            }
+        }
+    }
+
+    /// One read into the buffer; cancel-safe (nothing is lost if the future is dropped).
+    /// Grows the buffer when it is full, up to `max` buffered bytes.
+    pub async fn fill(&mut self, max: usize) -> Result<(), WireError> {
+        if self.start > 0 && self.end == self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.end == self.buf.len() {
+            if self.end - self.start >= max {
+                return Err(WireError::TooLong(max));
+            }
+            let grown = (self.buf.len() * 2).min(max.max(BUF_SIZE));
+            self.buf.resize(grown, 0);
+        }
+        match self.stream.read(&mut self.buf[self.end..]).await {
+            Ok(0) => Err(WireError::Closed),
+            Ok(n) => {
+                self.end += n;
+                Ok(())
+            }
+            Err(e) => Err(WireError::Io(e)),
+        }
+    }
+
+    /// Waits until the first line of the next message is complete or [`HEAD_LEN`] bytes of
+    /// it are buffered, and returns them.
+    pub async fn head(&mut self) -> Result<&[u8], WireError> {
+        loop {
+            let b = self.buffered();
+            if let Some(pos) = memchr::memchr(b'\n', b) {
+                return Ok(&self.buf[self.start..self.start + pos + 1]);
+            }
+            if b.len() >= HEAD_LEN {
+                return Ok(&self.buf[self.start..self.start + HEAD_LEN]);
+            }
+            self.fill(BUF_SIZE).await?;
+        }
+    }
+
+    /// Reads one whole message (line and literals) of at most `max` bytes and returns it.
+    pub async fn whole(&mut self, max: usize) -> Result<Vec<u8>, WireError> {
+        loop {
+            if let Scan::Complete { len } = scan_message(self.buffered(), self.max_line, u64::MAX)?
+            {
+                let msg = self.buffered()[..len].to_vec();
+                self.consume(len);
+                return Ok(msg);
+            }
+            self.fill(max).await?;
+        }
+    }
+
+    /// Passes one message to `out` (or drops it when `out` is None) without holding it
+    /// whole: literal data of any size flows through the fixed buffer.
+    pub async fn forward<W: AsyncWrite + Unpin>(
+        &mut self,
+        mut out: Option<&mut W>,
+    ) -> Result<(), ForwardError> {
+        let mut framer = Framer::new(self.max_line, u64::MAX);
+        loop {
+            if self.start == self.end {
+                self.fill(BUF_SIZE)
+                    .await
+                    .map_err(|_| ForwardError::Source)?;
+            }
+            let mut pos = self.start;
+            let mut done = false;
+            while pos < self.end {
+                match framer.next(&self.buf[pos..self.end]) {
+                    Ok(Piece::Line { len, complete, .. }) => {
+                        pos += len;
+                        if complete && framer.at_message_start() {
+                            done = true;
+                            break;
+                        }
+                    }
+                    Ok(Piece::LiteralData { len, .. }) => pos += len,
+                    Err(_) => return Err(ForwardError::Source),
+                }
+            }
+            if let Some(w) = out.as_mut() {
+                w.write_all(&self.buf[self.start..pos])
+                    .await
+                    .map_err(|_| ForwardError::Sink)?;
+            }
+            self.consume(pos - self.start);
+            if done {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Copies exactly `n` bytes of the stream (a literal's data) to `out`.
+    pub async fn copy_exact<W: AsyncWrite + Unpin>(
+        &mut self,
+        mut n: u64,
+        out: &mut W,
+    ) -> Result<(), ForwardError> {
+        while n > 0 {
+            if self.start == self.end {
+                self.fill(BUF_SIZE)
+                    .await
+                    .map_err(|_| ForwardError::Source)?;
+            }
+            let take =
+                usize::try_from(n).map_or(self.end - self.start, |n| n.min(self.end - self.start));
+            out.write_all(&self.buf[self.start..self.start + take])
+                .await
+                .map_err(|_| ForwardError::Sink)?;
+            self.consume(take);
+            n -= take as u64;
+        }
+        Ok(())
+    }
+
+    pub async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await
+    }
+}
