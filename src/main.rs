@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use imap_gateway::Gateway;
 use imap_gateway::config::{Config, LogFormat};
-use imap_gateway::route::{RouteError, RoutingTable};
+use imap_gateway::route::{Backend, MountTarget, RouteError, RoutingTable};
 use tokio_util::sync::CancellationToken;
 
 /// Exit code for an invalid configuration.
@@ -76,6 +76,14 @@ fn check_config(config: &Config) -> ExitCode {
     }
 }
 
+fn address(b: &Backend) -> String {
+    if b.host.contains(':') {
+        format!("[{}]:{}", b.host, b.port)
+    } else {
+        format!("{}:{}", b.host, b.port)
+    }
+}
+
 fn route(config: &Config, user: &str) -> ExitCode {
     let table = match RoutingTable::load(&config.routing_table) {
         Ok(t) => t,
@@ -86,11 +94,21 @@ fn route(config: &Config, user: &str) -> ExitCode {
     };
     match table.lookup(user) {
         Some(route) => {
-            let host = &route.home.host;
-            if host.contains(':') {
-                println!("{} [{host}]:{}", route.home.name, route.home.port);
-            } else {
-                println!("{} {host}:{}", route.home.name, route.home.port);
+            println!("{} {}", route.home.name, address(&route.home));
+            for m in &route.mounts {
+                let prefix = m.prefix.join("/");
+                match &m.target {
+                    MountTarget::Backend { backend, path } => println!(
+                        "mount {prefix} -> {} {} {:?} ({:?})",
+                        backend.name,
+                        address(backend),
+                        path.join("/"),
+                        m.namespace
+                    ),
+                    MountTarget::Referral(url) => {
+                        println!("mount {prefix} -> referral {url} ({:?})", m.namespace)
+                    }
+                }
             }
             ExitCode::SUCCESS
         }

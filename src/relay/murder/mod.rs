@@ -29,7 +29,7 @@ use super::{RelayEnd, RelayError, RelayOptions};
 use crate::proto::args::{self, Item, LiteralForm, Value};
 use crate::proto::capability;
 use crate::proto::framer::{FrameError, Literal, Piece};
-use crate::proto::prescan::{CommandName, prescan};
+use crate::proto::prescan::{CommandName, prescan, tag_of};
 use crate::proto::response::{Status, parse_status_line, status};
 use crate::route::{Backend, Mount, MountTarget};
 use crate::stream::Stream;
@@ -553,12 +553,11 @@ impl Murder<'_> {
     /// One whole command from the client.
     async fn command(&mut self, cmd: Vec<u8>, literals: bool) -> Step {
         let Some(p) = prescan(&cmd) else {
-            // Not a command the gateway can read; the current backend answers it.
-            let i = self.selected.unwrap_or(0);
+            // Without a readable tag no backend answer could be matched to it.
+            let tag = tag_of(&cmd).map_or(b"*".to_vec(), <[u8]>::to_vec);
             return self
-                .exec_raw(i, &cmd, b"", literals, Updates::Deliver)
-                .await
-                .map(drop);
+                .reply(&tag, "BAD", None, "Command not understood")
+                .await;
         };
         let tag = p.tag.to_vec();
         let name = p.name;
@@ -566,6 +565,21 @@ impl Murder<'_> {
         let items = match args::parse(&cmd, args_at.min(cmd.len())) {
             Ok(items) => items,
             Err(_) if cmd.len() <= args_at => Vec::new(),
+            // Commands that are only relayed do not need their arguments read: the backend
+            // judges them.
+            Err(_)
+                if !routes_by_arguments(
+                    name,
+                    &cmd[p.name_range.clone()],
+                    &cmd[args_at.min(cmd.len())..],
+                ) =>
+            {
+                let i = self.selected.unwrap_or(0);
+                return self
+                    .exec_on_selected(i, &cmd, &tag, literals)
+                    .await
+                    .map(drop);
+            }
             Err(_) => {
                 return self.reply(&tag, "BAD", None, "Invalid arguments").await;
             }
@@ -1387,6 +1401,28 @@ fn announcement_start(head: &[u8]) -> usize {
         Some(p) if p > 0 && head[p - 1] == b'~' => p - 1,
         Some(p) => p,
         None => head.len(),
+    }
+}
+
+/// Whether the gateway must read a command's arguments to know where it goes (or to answer it).
+fn routes_by_arguments(name: CommandName, word: &[u8], rest: &[u8]) -> bool {
+    match name {
+        CommandName::Other => mailbox_arg_of_extension(word, &[]).is_some(),
+        CommandName::Uid => {
+            let sub = rest.get(..5).unwrap_or(rest);
+            sub.eq_ignore_ascii_case(b"COPY ") || sub.eq_ignore_ascii_case(b"MOVE ")
+        }
+        CommandName::Noop
+        | CommandName::Check
+        | CommandName::Close
+        | CommandName::Unselect
+        | CommandName::Expunge
+        | CommandName::Search
+        | CommandName::Fetch
+        | CommandName::Store
+        | CommandName::Id
+        | CommandName::Idle => false,
+        _ => true,
     }
 }
 
