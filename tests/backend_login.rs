@@ -309,7 +309,10 @@ fn check_config_reports_every_problem() {
         dir.path().join("bad-routing.toml"),
         "[[backends]]\nname = \"a\"\naddress = \"127.0.0.1:1143\"\n\
          [[backends]]\nname = \"a\"\naddress = \"127.0.0.1:1144\"\n\
-         [[routes]]\nuser = \"alice\"\nbackend = \"nowhere\"\n",
+         [[routes]]\nuser = \"alice\"\nbackend = \"nowhere\"\n\
+         [[mounts]]\nusers = \"*\"\nprefix = \"Shared\"\nbackend = \"a\"\n\
+         [[mounts]]\nusers = \"*@example.org\"\nprefix = \"Shared/Team\"\nbackend = \"a\"\n\
+         [[mounts]]\nusers = \"bob\"\nprefix = \"Archive\"\nbackend = \"gone\"\n",
     )
     .unwrap();
     let bad = dir.path().join("bad.toml");
@@ -328,6 +331,8 @@ fn check_config_reports_every_problem() {
         "listener \"imaps\" (127.0.0.1:0): mode \"tls\" needs tls_cert and tls_key",
         "backend \"a\": duplicate name",
         "route \"alice\": unknown backend \"nowhere\"",
+        "mount \"Shared/Team\" for \"*@example.org\": prefix overlaps the mount \"Shared\" for the same users",
+        "mount \"Archive\" for \"bob\": unknown backend \"gone\"",
         "backend_auth.mode = \"master\" needs passdb",
     ] {
         assert!(
@@ -337,7 +342,7 @@ fn check_config_reports_every_problem() {
             "check-config should report {problem:?} on a line of its own:\n{stderr}"
         );
     }
-    assert!(stderr.contains("4 problem(s) found"), "{stderr}");
+    assert!(stderr.contains("6 problem(s) found"), "{stderr}");
     assert!(!text(&out.stdout).contains("configuration OK"), "{out:?}");
 
     // A file that is not even a valid configuration is an error too.
