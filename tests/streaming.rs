@@ -58,16 +58,11 @@ fn message() -> Vec<u8> {
     m
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fifty_megabytes_stream_both_ways_in_bounded_memory() {
-    let dovecot = Dovecot::start(DovecotOptions::default());
+/// Runs the gateway binary with `routing` as its table; returns it with its address.
+async fn gateway_process(routing: &str) -> (GatewayProcess, SocketAddr, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    std::fs::write(
-        dir.path().join("routing.toml"),
-        gateway::single_backend(dovecot.addr()),
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("routing.toml"), routing).unwrap();
     let config = dir.path().join("gateway.toml");
     let mut f = std::fs::File::create(&config).unwrap();
     writeln!(
@@ -84,7 +79,6 @@ async fn fifty_megabytes_stream_both_ways_in_bounded_memory() {
         .spawn()
         .unwrap();
     let gw = GatewayProcess(child);
-    let pid = gw.0.id();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let deadline = std::time::Instant::now() + WAIT;
     while tokio::net::TcpStream::connect(addr).await.is_err() {
@@ -94,16 +88,13 @@ async fn fifty_megabytes_stream_both_ways_in_bounded_memory() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    (gw, addr, dir)
+}
 
-    // Warm up: one full session so the baseline includes the runtime and TLS-free paths.
-    let mut c = Client::connect(addr).await;
-    c.login("alice", "alicepw").await;
-    assert!(tagged_ok(&c.cmd("NOOP").await));
-    let baseline = status_kb(pid, "VmRSS:");
-
-    let msg = message();
-    // A synchronizing literal: the backend's "+" must come through the relay.
-    c.write(format!("a1 APPEND INBOX {{{}}}\r\n", msg.len()).as_bytes())
+/// APPENDs `msg` with a synchronizing literal (the backend's `+` must come through).
+async fn append(c: Client, tag: &str, mailbox: &str, msg: &[u8]) -> Client {
+    let mut c = c;
+    c.write(format!("{tag} APPEND {mailbox} {{{}}}\r\n", msg.len()).as_bytes())
         .await;
     let cont = c.read_response().await;
     assert!(cont.starts_with(b"+"), "{}", String::from_utf8_lossy(&cont));
@@ -113,29 +104,51 @@ async fn fifty_megabytes_stream_both_ways_in_bounded_memory() {
     }
     io.write_all(b"\r\n").await.unwrap();
     let mut c = Client::from_io(io);
-    let r = c.until_tagged("a1").await;
+    let r = c.until_tagged(tag).await;
     assert!(tagged_ok(&r), "{r}");
+    c
+}
 
+/// FETCHes message 1's body and compares it with `msg` byte for byte; returns the head line.
+async fn fetch_and_compare(c: Client, tag: &str, msg: &[u8]) -> (Client, String) {
+    let mut c = c;
+    c.write(format!("{tag} FETCH 1 BODY.PEEK[]\r\n").as_bytes())
+        .await;
+    let mut io = c.into_inner();
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while !line.ends_with(b"\r\n") {
+        io.read_exact(&mut b).await.unwrap();
+        line.push(b[0]);
+    }
+    let mut body = vec![0u8; msg.len()];
+    io.read_exact(&mut body).await.unwrap();
+    assert!(body == msg, "fetched body differs from appended body");
+    let mut c = Client::from_io(io);
+    let r = c.until_tagged(tag).await;
+    assert!(tagged_ok(&r), "{r}");
+    (c, String::from_utf8(line).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_megabytes_stream_both_ways_in_bounded_memory() {
+    let dovecot = Dovecot::start(DovecotOptions::default());
+    let (gw, addr, _dir) = gateway_process(&gateway::single_backend(dovecot.addr())).await;
+    let pid = gw.0.id();
+
+    // Warm up: one full session so the baseline includes the runtime and TLS-free paths.
+    let mut c = Client::connect(addr).await;
+    c.login("alice", "alicepw").await;
+    assert!(tagged_ok(&c.cmd("NOOP").await));
+    let baseline = status_kb(pid, "VmRSS:");
+
+    let msg = message();
+    let c = append(c, "a1", "INBOX", &msg).await;
+    let mut c = c;
     let r = c.cmd("SELECT INBOX").await;
     assert!(r.contains("* 1 EXISTS"), "{r}");
-    c.write(b"a2 FETCH 1 BODY.PEEK[]\r\n").await;
-    let head = {
-        let mut io = c.into_inner();
-        let mut line = Vec::new();
-        let mut b = [0u8; 1];
-        while !line.ends_with(b"\r\n") {
-            io.read_exact(&mut b).await.unwrap();
-            line.push(b[0]);
-        }
-        let mut body = vec![0u8; msg.len()];
-        io.read_exact(&mut body).await.unwrap();
-        assert!(body == msg, "fetched body differs from appended body");
-        c = Client::from_io(io);
-        String::from_utf8(line).unwrap()
-    };
+    let (c, head) = fetch_and_compare(c, "a2", &msg).await;
     assert_eq!(head, format!("* 1 FETCH (BODY[] {{{}}}\r\n", msg.len()));
-    let r = c.until_tagged("a2").await;
-    assert!(tagged_ok(&r), "{r}");
 
     let peak = status_kb(pid, "VmHWM:");
     let growth = peak.saturating_sub(baseline);
@@ -146,6 +159,60 @@ async fn fifty_megabytes_stream_both_ways_in_bounded_memory() {
     assert!(
         growth < MAX_GROWTH_KB,
         "gateway peak RSS grew by {growth} kB relaying a {} kB literal",
+        MESSAGE_SIZE / 1024
+    );
+    drop(c);
+}
+
+/// With mounts the gateway reads commands itself, but message data still streams: a 50 MB
+/// APPEND into a mounted mailbox, its FETCH, and a COPY of it to the home backend (FETCH from
+/// one server streamed into an APPEND on the other) keep the gateway's memory flat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_megabytes_through_a_mount_and_across_servers_in_bounded_memory() {
+    let home = Dovecot::start(DovecotOptions::default());
+    let archive = Dovecot::start(DovecotOptions {
+        separator: '.',
+        ..DovecotOptions::default()
+    });
+    let routing = format!(
+        "{}{}[[routes]]\nuser = \"alice\"\nbackend = \"home\"\n\
+         [[mounts]]\nusers = \"*\"\nprefix = \"Archive\"\nbackend = \"archive\"\n",
+        gateway::backend_toml("home", home.addr(), ""),
+        gateway::backend_toml("archive", archive.addr(), ""),
+    );
+    let (gw, addr, _dir) = gateway_process(&routing).await;
+    let pid = gw.0.id();
+
+    let mut c = Client::connect(addr).await;
+    c.login("alice", "alicepw").await;
+    assert!(tagged_ok(&c.cmd("CREATE Archive/Big").await));
+    assert!(tagged_ok(&c.cmd("LIST \"\" *").await));
+    let baseline = status_kb(pid, "VmRSS:");
+
+    let msg = message();
+    let c = append(c, "a1", "Archive/Big", &msg).await;
+    let mut c = c;
+    let r = c.cmd("SELECT Archive/Big").await;
+    assert!(r.contains("* 1 EXISTS"), "{r}");
+    let (mut c, head) = fetch_and_compare(c, "a2", &msg).await;
+    assert_eq!(head, format!("* 1 FETCH (BODY[] {{{}}}\r\n", msg.len()));
+    let r = c.cmd("COPY 1 INBOX").await;
+    assert!(tagged_ok(&r), "{r}");
+    assert!(r.contains("[COPYUID "), "{r}");
+    let r = c.cmd("SELECT INBOX").await;
+    assert!(r.contains("* 1 EXISTS"), "{r}");
+    let (c, _) = fetch_and_compare(c, "a3", &msg).await;
+
+    let peak = status_kb(pid, "VmHWM:");
+    let growth = peak.saturating_sub(baseline);
+    println!(
+        "gateway RSS baseline {baseline} kB, peak {peak} kB, growth {growth} kB for a {} kB \
+         message appended to a mount, fetched, and copied to another server",
+        MESSAGE_SIZE / 1024
+    );
+    assert!(
+        growth < MAX_GROWTH_KB,
+        "gateway peak RSS grew by {growth} kB for a {} kB message",
         MESSAGE_SIZE / 1024
     );
     drop(c);

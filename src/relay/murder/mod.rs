@@ -1005,6 +1005,16 @@ impl Murder<'_> {
         };
         if self.selected.is_some_and(|s| s != i) {
             self.deselect().await?;
+            // The new backend had nothing selected, so it will not say this itself (RFC 7162).
+            if self.enabled.iter().any(|e| {
+                e.split(u8::is_ascii_whitespace)
+                    .any(|w| w.eq_ignore_ascii_case(b"QRESYNC"))
+            }) {
+                self.client
+                    .write(b"* OK [CLOSED] Previous mailbox closed\r\n")
+                    .await
+                    .map_err(|_| End::ClientGone)?;
+            }
         }
         let cmd = if i == 0 {
             cmd.to_vec()
