@@ -1,0 +1,147 @@
+//! The session's backend connections: the logged-in home connection and the mounted
+//! backends' connections, opened when first needed (in parallel where several are needed at
+//! once), marked down when they fail, and retried after a pause.
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::wire::{Wire, WireError};
+use super::{End, MAX_REWRITTEN, Murder, RETRY_AFTER, Step};
+use crate::proto::args;
+use crate::proto::capability;
+use crate::route::Backend;
+
+pub(super) struct Conn {
+    pub(super) wire: Wire,
+    pub(super) caps: Vec<String>,
+    /// The backend's hierarchy delimiter (`LIST "" ""`), None for a flat namespace.
+    pub(super) delim: Option<u8>,
+    pub(super) next_tag: u32,
+}
+
+impl Conn {
+    pub(super) fn tag(&mut self) -> String {
+        self.next_tag += 1;
+        format!("gwm{}", self.next_tag)
+    }
+
+    pub(super) fn has(&self, cap: &str) -> bool {
+        capability::has(&self.caps, cap)
+    }
+}
+
+pub(super) enum Slot {
+    /// Not needed yet.
+    Idle,
+    Up(Box<Conn>),
+    /// Failed at this time; see [`RETRY_AFTER`].
+    Down(Instant),
+}
+
+pub(super) struct BackendSlot {
+    pub(super) backend: Arc<Backend>,
+    pub(super) slot: Slot,
+}
+
+/// Asks a freshly logged-in backend for its hierarchy delimiter.
+pub(super) async fn discover_delimiter(conn: &mut Conn) -> Result<Option<u8>, WireError> {
+    let tag = conn.tag();
+    conn.wire
+        .write(format!("{tag} LIST \"\" \"\"\r\n").as_bytes())
+        .await?;
+    let mut delim = None;
+    loop {
+        let msg = conn.wire.whole(MAX_REWRITTEN).await?;
+        if let Some((t, word, off)) = args::head(&msg) {
+            if t == tag.as_bytes() {
+                return Ok(delim);
+            }
+            if t == b"*"
+                && word.eq_ignore_ascii_case(b"LIST")
+                && let Ok(items) = args::parse(&msg, off)
+                && let Some(d) = items.get(1).and_then(|i| i.value.as_bytes())
+                && !items[1].value.is_nil()
+            {
+                delim = d.first().copied();
+            }
+        }
+    }
+}
+
+/// Reads a backend's responses up to the one tagged `tag`, dropping them all.
+pub(super) async fn read_until_quiet(conn: &mut Conn, tag: &str) -> Result<(), WireError> {
+    loop {
+        let msg = conn.wire.whole(MAX_REWRITTEN).await?;
+        if args::head(&msg).is_some_and(|(t, _, _)| t == tag.as_bytes()) {
+            return Ok(());
+        }
+    }
+}
+
+impl Murder<'_> {
+    pub(super) fn up(&mut self, i: usize) -> Option<&mut Conn> {
+        match &mut self.conns.get_mut(i)?.slot {
+            Slot::Up(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// A backend connection broke: the home one ends the session, a mounted one only makes its
+    /// mailboxes unavailable.
+    pub(super) fn conn_failed(&mut self, i: usize) -> Step {
+        if i == 0 {
+            return Err(End::HomeLost);
+        }
+        warn!(backend = %self.conns[i].backend.name, "mounted backend connection lost");
+        self.conns[i].slot = Slot::Down(Instant::now());
+        Ok(())
+    }
+
+    /// Makes sure conn `i` is logged in, connecting on first use. False when it is down.
+    pub(super) async fn ensure(&mut self, i: usize) -> bool {
+        match &self.conns[i].slot {
+            Slot::Up(_) => return true,
+            Slot::Down(since) if since.elapsed() < RETRY_AFTER => return false,
+            _ => {}
+        }
+        let backend = Arc::clone(&self.conns[i].backend);
+        match self.open(&backend).await {
+            Ok(conn) => {
+                debug!(backend = %backend.name, "mounted backend connected");
+                self.conns[i].slot = Slot::Up(Box::new(conn));
+                true
+            }
+            Err(e) => {
+                warn!(backend = %backend.name, error = %e, "mounted backend unavailable");
+                self.conns[i].slot = Slot::Down(Instant::now());
+                false
+            }
+        }
+    }
+
+    pub(super) async fn open(&self, backend: &Backend) -> Result<Conn, String> {
+        let c = self.connector.connect(backend).await?;
+        let mut conn = Conn {
+            wire: Wire::new(c.stream, c.leftover, self.opts.max_backend_line),
+            caps: c.capabilities,
+            delim: None,
+            next_tag: 0,
+        };
+        conn.delim = discover_delimiter(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        for args in &self.enabled {
+            let tag = conn.tag();
+            let mut cmd = format!("{tag} ENABLE ").into_bytes();
+            cmd.extend_from_slice(args);
+            cmd.extend_from_slice(b"\r\n");
+            conn.wire.write(&cmd).await.map_err(|e| e.to_string())?;
+            read_until_quiet(&mut conn, &tag)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(conn)
+    }
+}
