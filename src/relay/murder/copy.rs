@@ -229,29 +229,41 @@ async fn fetch_meta(
         .await
         .map_err(|_| Failure::SourceLost)?;
     let mut metas = Vec::new();
-    loop {
-        let msg = src
-            .wire
-            .whole(MAX_REWRITTEN)
-            .await
-            .map_err(|_| Failure::SourceLost)?;
-        let Some((t, _, _)) = args::head(&msg) else {
-            continue;
-        };
-        if t == tag.as_bytes() {
-            return match parse_status_line(&msg) {
-                Some(s) if s.status == Status::Ok => Ok(metas),
-                Some(s) => Err(Failure::Refused {
-                    code: s.code.map(str::to_owned),
-                    text: s.text.to_owned(),
-                }),
-                None => Err(Failure::SourceLost),
-            };
-        }
-        match parse_meta(&msg) {
+    await_tagged(
+        src,
+        &tag,
+        || Failure::SourceLost,
+        &mut |msg| match parse_meta(&msg) {
             Some(m) => metas.push(m),
             None => updates.push(msg),
+        },
+    )
+    .await?;
+    Ok(metas)
+}
+
+/// Reads `conn`'s responses up to the one tagged `tag`, giving each untagged one to
+/// `untagged`. Ok carries the OK's response code; NO or BAD become [`Failure::Refused`].
+async fn await_tagged(
+    conn: &mut Conn,
+    tag: &str,
+    lost: fn() -> Failure,
+    untagged: &mut (dyn FnMut(Vec<u8>) + Send),
+) -> Result<Option<String>, Failure> {
+    loop {
+        let msg = conn.wire.whole(MAX_REWRITTEN).await.map_err(|_| lost())?;
+        if args::head(&msg).is_none_or(|(t, _, _)| t != tag.as_bytes()) {
+            untagged(msg);
+            continue;
         }
+        return match parse_status_line(&msg) {
+            Some(s) if s.status == Status::Ok => Ok(s.code.map(str::to_owned)),
+            Some(s) => Err(Failure::Refused {
+                code: s.code.map(str::to_owned),
+                text: s.text.to_owned(),
+            }),
+            None => Err(lost()),
+        };
     }
 }
 
@@ -397,24 +409,8 @@ async fn copy_one(
             .map_err(|_| Failure::SourceLost)?;
         sent = true;
     }
-    loop {
-        let msg = dst
-            .wire
-            .whole(MAX_REWRITTEN)
-            .await
-            .map_err(|_| Failure::TargetLost)?;
-        if args::head(&msg).is_none_or(|(t, _, _)| t != atag.as_bytes()) {
-            continue;
-        }
-        return match parse_status_line(&msg) {
-            Some(s) if s.status == Status::Ok => Ok(s.code.and_then(parse_appenduid)),
-            Some(s) => Err(Failure::Refused {
-                code: s.code.map(str::to_owned),
-                text: s.text.to_owned(),
-            }),
-            None => Err(Failure::TargetLost),
-        };
-    }
+    let code = await_tagged(dst, &atag, || Failure::TargetLost, &mut drop).await?;
+    Ok(code.as_deref().and_then(parse_appenduid))
 }
 
 /// `APPENDUID <validity> <uid>` (RFC 4315).
@@ -445,29 +441,15 @@ async fn expunge(src: &mut Conn, uids: &[u32], expunges: &mut Vec<Vec<u8>>) -> R
             .write(format!("{tag} {cmd}\r\n").as_bytes())
             .await
             .map_err(|_| Failure::SourceLost)?;
-        loop {
-            let msg = src
-                .wire
-                .whole(MAX_REWRITTEN)
-                .await
-                .map_err(|_| Failure::SourceLost)?;
-            if args::head(&msg).is_some_and(|(t, _, _)| t == tag.as_bytes()) {
-                match parse_status_line(&msg) {
-                    Some(s) if s.status == Status::Ok => break,
-                    Some(s) => {
-                        return Err(Failure::Refused {
-                            code: s.code.map(str::to_owned),
-                            text: format!(
-                                "Copied, but the originals could not be removed: {}",
-                                s.text
-                            ),
-                        });
-                    }
-                    None => return Err(Failure::SourceLost),
-                }
-            }
-            expunges.push(msg);
-        }
+        await_tagged(src, &tag, || Failure::SourceLost, &mut |m| expunges.push(m))
+            .await
+            .map_err(|f| match f {
+                Failure::Refused { code, text } => Failure::Refused {
+                    code,
+                    text: format!("Copied, but the originals could not be removed: {text}"),
+                },
+                other => other,
+            })?;
     }
     Ok(())
 }
