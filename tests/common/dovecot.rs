@@ -48,6 +48,15 @@ pub struct DovecotOptions {
     /// `acl` + `imap_acl` plugins and a shared namespace
     /// `Shared<sep>%%u<sep>` (Dovecot needs one separator for all listed namespaces).
     pub shared_namespace: bool,
+    /// `acl` + `imap_acl` plugins and a public namespace `Public<sep>` (`type = public`,
+    /// `list = yes`, subscriptions kept in each user's personal namespace) stored under
+    /// [`Dovecot::public_dir`], with a global ACL file that gives `anyone` every right on
+    /// `Public` and below, so every user can CREATE, SELECT, APPEND, ... there.
+    pub public_namespace: bool,
+    /// The `listescape` plugin: mailbox names may hold characters the Maildir layout cannot
+    /// store, `/` in particular (kept as `\2f` on disk), e.g. a mailbox `a/b` on a `'.'`
+    /// server, which Dovecot refuses without it ("Name must not have '/' characters").
+    pub listescape: bool,
     /// `(user, password)` pairs of the passwd-file.
     pub users: Vec<(String, String)>,
     /// `login_trusted_networks = 127.0.0.0/8` (accepts `ID x-originating-ip`).
@@ -64,6 +73,8 @@ impl Default for DovecotOptions {
             quota: true,
             master_user: None,
             shared_namespace: false,
+            public_namespace: false,
+            listescape: false,
             users: vec![
                 ("alice".into(), "alicepw".into()),
                 ("bob".into(), "bobpw".into()),
@@ -115,7 +126,7 @@ impl Dovecot {
         // The mail processes (uid imapgwtest) and auth (dovecot) must traverse it.
         fs::set_permissions(&root, fs::Permissions::from_mode(0o755))
             .expect("chmod Dovecot temp dir");
-        for sub in ["run", "state", "mail"] {
+        for sub in ["run", "state", "mail", "public"] {
             fs::create_dir_all(root.join(sub)).expect("creating Dovecot dirs");
         }
 
@@ -134,6 +145,16 @@ impl Dovecot {
         // Written by the imap processes (the acl plugin's shared-mailboxes dict).
         fs::create_dir_all(root.join("acl")).expect("creating the acl dir");
         chown(&root.join("acl"), uid, gid);
+        // The public namespace's mailboxes, written by the imap processes of every user.
+        chown(&root.join("public"), uid, gid);
+        if opts.public_namespace {
+            let sep = opts.separator;
+            fs::write(
+                root.join("acl").join("global-acl"),
+                format!("Public anyone lrwstipekxa\nPublic{sep}* anyone lrwstipekxa\n"),
+            )
+            .expect("writing the global ACL file");
+        }
         for (user, _) in &opts.users {
             let home = root.join("mail").join(user);
             fs::create_dir_all(&home).expect("creating a user home");
@@ -197,6 +218,11 @@ impl Dovecot {
     /// A user's home directory (`<tmp>/mail/<user>`).
     pub fn home(&self, user: &str) -> PathBuf {
         self.dir.path().join("mail").join(user)
+    }
+
+    /// The root of the public namespace's mail (when `public_namespace`).
+    pub fn public_dir(&self) -> PathBuf {
+        self.dir.path().join("public")
     }
 
     /// A user's Maildir root (`<home>/Maildir`), which is also where INBOX's
@@ -441,9 +467,12 @@ impl Dovecot {
             plugins.push("quota");
             imap_plugins.push("imap_quota");
         }
-        if o.shared_namespace {
+        if o.shared_namespace || o.public_namespace {
             plugins.push("acl");
             imap_plugins.push("imap_acl");
+        }
+        if o.listescape {
+            plugins.push("listescape");
         }
         line(&format!(
             "mail_plugins = $mail_plugins {}",
@@ -494,6 +523,17 @@ impl Dovecot {
             line("  list = children");
             line("}");
         }
+        if o.public_namespace {
+            line("namespace public {");
+            line("  type = public");
+            line(&format!("  separator = {sep}"));
+            line(&format!("  prefix = Public{sep}"));
+            line(&format!("  location = maildir:{root}/public{layout}"));
+            // Subscriptions go to the user's own (inbox) namespace, not a file all share.
+            line("  subscriptions = no");
+            line("  list = yes");
+            line("}");
+        }
 
         line("plugin {");
         if o.quota {
@@ -501,11 +541,18 @@ impl Dovecot {
             line("  quota_vsizes = yes");
             line("  quota_rule = *:storage=1G");
         }
-        if o.shared_namespace {
+        if o.public_namespace {
+            // A global ACL file (per-mailbox `dovecot-acl` files still apply on top).
+            line(&format!("  acl = vfile:{root}/acl/global-acl"));
+        } else if o.shared_namespace {
             line("  acl = vfile");
+        }
+        if o.shared_namespace {
             line(&format!(
                 "  acl_shared_dict = file:{root}/acl/shared-mailboxes.db"
             ));
+        }
+        if o.shared_namespace || o.public_namespace {
             line("  acl_user = %u");
         }
         line("}");
