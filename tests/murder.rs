@@ -100,16 +100,18 @@ struct Setup {
 
 /// The scenario with a plain archive server.
 async fn setup() -> Setup {
-    setup_with(false).await
+    setup_with(false, "").await
 }
 
 /// Starts and fills the three Dovecots (checking each directly), then the gateway.
-/// `archive_listescape`: the archive server accepts names with `/` inside a level.
-async fn setup_with(archive_listescape: bool) -> Setup {
+/// `archive_listescape`: the archive server accepts names with `/` inside a level;
+/// `archive_extra`: settings added to the archive server's configuration.
+async fn setup_with(archive_listescape: bool, archive_extra: &str) -> Setup {
     let home = Dovecot::start(DovecotOptions::default());
     let archive = Dovecot::start(DovecotOptions {
         separator: '.',
         listescape: archive_listescape,
+        extra_config: archive_extra.to_owned(),
         ..DovecotOptions::default()
     });
     let shared = Dovecot::start(DovecotOptions {
@@ -1015,7 +1017,7 @@ async fn mount_backend_down() {
 /// listed. The home server (same delimiter as the client) takes dots as it always did.
 #[tokio::test]
 async fn different_delimiters() {
-    let s = setup_with(true).await;
+    let s = setup_with(true, "").await;
 
     // With listescape, Dovecot (delimiter `.`) holds a level `a/b`; a client using `/` could
     // not tell it from `a` > `b`.
@@ -1066,6 +1068,145 @@ async fn different_delimiters() {
     )
     .await;
 
+    drop(c);
+    s.finish().await;
+}
+
+/// A cross-server COPY or MOVE that fails half-way (the target runs out of quota at the
+/// second message) answers NO, removes the copy it already made on the target, and leaves
+/// the source as it was.
+#[tokio::test]
+async fn copy_failing_half_way_leaves_both_sides_as_they_were() {
+    // The archive may hold 3 messages; 2023 already has 2, so one more fits and two do not.
+    let s = setup_with(false, "plugin {\n  quota_rule = *:messages=3\n}\n").await;
+    let mut c = s.client().await;
+    let r = ok(&mut c, "SELECT INBOX").await;
+    assert_eq!(select_state(&r).0, 2, "{r}");
+    let before_next = direct_status(&s.archive, "2023", "UIDNEXT").await;
+    assert_eq!(before_next, 3);
+
+    for command in [
+        r#"COPY 1:2 "Archive/2023""#,
+        r#"UID MOVE 1:2 "Archive/2023""#,
+    ] {
+        let r = c.cmd(command).await;
+        assert_tagged(&r, "NO", Some("OVERQUOTA"), command);
+        assert!(
+            !r.contains("EXPUNGE"),
+            "{command}: nothing may be expunged: {r}"
+        );
+        // The first message did reach the archive (its UID was used) and was removed again.
+        let mut d = direct(&s.archive).await;
+        ok(&mut d, "EXAMINE 2023").await;
+        let r = ok(&mut d, "UID SEARCH ALL").await;
+        assert_eq!(untagged(&r), ["* SEARCH 1 2"], "{command}: archive: {r}");
+        logout(d).await;
+        // The source still has both messages.
+        let mut d = direct(&s.home).await;
+        ok(&mut d, "EXAMINE INBOX").await;
+        let r = ok(&mut d, "UID SEARCH ALL").await;
+        assert_eq!(untagged(&r), ["* SEARCH 1 2"], "{command}: INBOX: {r}");
+        let r = ok(&mut d, "UID SEARCH DELETED").await;
+        assert_eq!(untagged(&r), ["* SEARCH"], "{command}: INBOX: {r}");
+        logout(d).await;
+    }
+    assert!(direct_status(&s.archive, "2023", "UIDNEXT").await > before_next);
+    // The session goes on, on both servers.
+    let r = ok(&mut c, "FETCH 1:* (UID)").await;
+    assert_eq!(
+        untagged(&r),
+        ["* 1 FETCH (UID 1)", "* 2 FETCH (UID 2)"],
+        "{r}"
+    );
+    ok(&mut c, "STATUS Archive/2023 (MESSAGES)").await;
+    drop(c);
+    s.finish().await;
+}
+
+/// The words after a response's mailbox name: `* MYRIGHTS "x y" lr` -> `lr`.
+fn after_name(line: &str, word: &str) -> String {
+    let rest = line
+        .strip_prefix(&format!("* {word} "))
+        .unwrap_or_else(|| panic!("not a {word} line: {line}"));
+    let rest = match rest.strip_prefix('"') {
+        Some(quoted) => &quoted[quoted.find('"').expect("closing quote") + 1..],
+        None => rest.split_once(' ').map_or("", |(_, r)| r),
+    };
+    rest.trim_start().to_owned()
+}
+
+/// Quota roots of a mounted server come back as `<prefix>#<root>` and lead back to that
+/// server for GETQUOTA and SETQUOTA; ACL commands on a mounted mailbox reach its server with
+/// the name translated both ways. Each answer is checked against the same question asked
+/// directly.
+#[tokio::test]
+async fn quota_and_acl_in_a_mount() {
+    let s = setup().await;
+    let mut d = direct(&s.archive).await;
+    let direct_root = ok(&mut d, "GETQUOTAROOT 2023").await;
+    let direct_quota = untagged(&direct_root)
+        .into_iter()
+        .find(|l| l.starts_with("* QUOTA "))
+        .expect("a QUOTA line");
+    let resources = after_name(&direct_quota, "QUOTA");
+    let direct_set = d.cmd(r#"SETQUOTA "User quota" (STORAGE 10)"#).await;
+    logout(d).await;
+    assert_eq!(
+        untagged(&direct_root),
+        [
+            r#"* QUOTAROOT 2023 "User quota""#.to_owned(),
+            format!(r#"* QUOTA "User quota" {resources}"#)
+        ],
+        "{direct_root}"
+    );
+
+    let mut c = s.client().await;
+    let r = ok(&mut c, "GETQUOTAROOT Archive/2023").await;
+    assert_eq!(
+        untagged(&r),
+        [
+            r#"* QUOTAROOT "Archive/2023" "Archive#User quota""#.to_owned(),
+            format!(r#"* QUOTA "Archive#User quota" {resources}"#)
+        ],
+        "{r}"
+    );
+    let r = ok(&mut c, r#"GETQUOTA "Archive#User quota""#).await;
+    assert_eq!(
+        untagged(&r),
+        [format!(r#"* QUOTA "Archive#User quota" {resources}"#)],
+        "{r}"
+    );
+    let r = c.cmd(r#"SETQUOTA "Archive#User quota" (STORAGE 10)"#).await;
+    assert_eq!(tagged(&r), tagged(&direct_set), "{r}");
+    // Home roots are the home server's own.
+    let mut d = direct(&s.home).await;
+    let home_root = ok(&mut d, "GETQUOTAROOT INBOX").await;
+    logout(d).await;
+    let r = ok(&mut c, "GETQUOTAROOT INBOX").await;
+    assert_eq!(untagged(&r), untagged(&home_root), "{r}");
+
+    let mut d = direct(&s.shared).await;
+    let direct_rights = ok(&mut d, "MYRIGHTS Public/Team").await;
+    let direct_acl = ok(&mut d, "GETACL Public/Team").await;
+    logout(d).await;
+    let rights = after_name(&untagged(&direct_rights)[0], "MYRIGHTS");
+    assert!(
+        rights.contains('l') && rights.contains('r'),
+        "{direct_rights}"
+    );
+    let r = ok(&mut c, "MYRIGHTS Shared/Team").await;
+    assert_eq!(
+        untagged(&r),
+        [format!(r#"* MYRIGHTS "Shared/Team" {rights}"#)],
+        "{r}"
+    );
+    let acl = after_name(&untagged(&direct_acl)[0], "ACL");
+    let r = ok(&mut c, "GETACL Shared/Team").await;
+    assert_eq!(
+        untagged(&r),
+        [format!(r#"* ACL "Shared/Team" {acl}"#)],
+        "{r}"
+    );
     drop(c);
     s.finish().await;
 }
