@@ -14,7 +14,7 @@
 
 mod common;
 
-use common::dovecot::{Dovecot, DovecotOptions};
+use common::dovecot::{Dovecot, DovecotOptions, login_lines, wait_for_log};
 use common::gateway::{self, TestGateway};
 use common::imap::{Client, last_line, tagged_ok};
 
@@ -1209,4 +1209,75 @@ async fn quota_and_acl_in_a_mount() {
     );
     drop(c);
     s.finish().await;
+}
+
+/// Mounted servers are logged into only when a command needs them, with the same credentials
+/// mode as the home login: here the gateway's own passdb and a master user on every server.
+#[tokio::test]
+async fn mounts_log_in_lazily_with_the_master_user() {
+    let master = Some(("gwmaster".to_owned(), "masterpw".to_owned()));
+    let home = Dovecot::start(DovecotOptions {
+        master_user: master.clone(),
+        ..DovecotOptions::default()
+    });
+    let archive = Dovecot::start(DovecotOptions {
+        separator: '.',
+        master_user: master,
+        ..DovecotOptions::default()
+    });
+    archive.seed_message(USER, "2023", message("archived 1", "old").as_bytes());
+    let routing = format!(
+        "{}{}[[routes]]\nuser = \"alice\"\nbackend = \"home\"\n\
+         [[mounts]]\nusers = \"*\"\nprefix = \"Archive\"\nbackend = \"archive\"\n\
+         namespace = \"personal\"\n",
+        gateway::backend_toml("home", home.addr(), ""),
+        gateway::backend_toml("archive", archive.addr(), ""),
+    );
+    let gw = gateway::start_with(&routing, |config, dir| {
+        let passdb = dir.join("gateway.passwd");
+        std::fs::write(&passdb, "alice:{PLAIN}gatewaypw\n").unwrap();
+        config.backend_auth.mode = imap_gateway::config::BackendAuthMode::Master;
+        config.backend_auth.master_user = Some("gwmaster".into());
+        config.backend_auth.master_password = Some("masterpw".into());
+        config.backend_auth.passdb = Some(passdb);
+    })
+    .await;
+
+    let mut c = Client::connect(gw.addr).await;
+    c.login(USER, "gatewaypw").await;
+    ok(&mut c, "SELECT INBOX").await;
+    let r = ok(&mut c, r#"LIST "" "INBOX""#).await;
+    assert_eq!(
+        untagged(&r),
+        [entry("LIST", r"\HasNoChildren", "INBOX")],
+        "{r}"
+    );
+    let home_log = wait_for_log(&home, "alice's home login", |log| {
+        !login_lines(log, USER).is_empty()
+    })
+    .await;
+    assert!(
+        home_log.contains("Master user logging in as alice"),
+        "{home_log}"
+    );
+    // Nothing so far needed the archive: it has not seen alice.
+    assert_eq!(
+        login_lines(&archive.log_contents(), USER),
+        Vec::<String>::new()
+    );
+
+    let r = ok(&mut c, "STATUS Archive/2023 (MESSAGES)").await;
+    assert_status(&r, "Archive/2023", "MESSAGES 1");
+    let log = wait_for_log(&archive, "alice's archive login", |log| {
+        !login_lines(log, USER).is_empty()
+    })
+    .await;
+    assert!(log.contains("Master user logging in as alice"), "{log}");
+    assert_eq!(login_lines(&log, USER).len(), 1, "{log}");
+    // The connection is kept for the session: a second command logs in no more.
+    ok(&mut c, "STATUS Archive/2023 (MESSAGES)").await;
+    ok(&mut c, "NOOP").await;
+    assert_eq!(login_lines(&archive.log_contents(), USER).len(), 1);
+    drop(c);
+    gw.stop().await;
 }
