@@ -1281,3 +1281,88 @@ async fn mounts_log_in_lazily_with_the_master_user() {
     drop(c);
     gw.stop().await;
 }
+
+/// Bad input in a session with mounts gets a clear answer and the session goes on;
+/// pipelined commands are answered in order; a big APPEND into a mount streams (the gateway's
+/// `+` is not needed: the archive server's comes through); an endless line ends in BYE.
+#[tokio::test]
+async fn bad_input_and_pipelining_with_mounts() {
+    let s = setup().await;
+    let mut c = s.client().await;
+    for (command, status, code) in [
+        ("SELECT", "BAD", None),
+        (r#"SELECT "unterminated"#, "BAD", None),
+        (r#"LIST """#, "BAD", None),
+        (r#"LIST (SUBSCRIBED) "" "*""#, "BAD", None),
+        (r#"LIST "" ("INBOX" "Archive/*")"#, "BAD", None),
+        ("RENAME Archive/2023", "BAD", None),
+        ("COMPRESS DEFLATE", "NO", Some("CANNOT")),
+        ("XNOSUCHCOMMAND x", "BAD", None),
+        // A mounted server's own INBOX is not part of the mount.
+        ("STATUS Archive/INBOX (MESSAGES)", "NO", Some("NONEXISTENT")),
+        ("DELETE Archive", "NO", Some("NONEXISTENT")),
+    ] {
+        let r = c.cmd(command).await;
+        assert_tagged(&r, status, code, command);
+    }
+    c.write(b"garbage\r\n").await;
+    let r = c.read_response().await;
+    assert_eq!(r, b"garbage BAD Command not understood\r\n");
+
+    let r = ok(&mut c, "CAPABILITY").await;
+    let caps = untagged(&r);
+    assert_eq!(caps.len(), 1, "{r}");
+    let caps: Vec<&str> = caps[0].split(' ').collect();
+    for want in ["IMAP4rev1", "MAILBOX-REFERRALS", "NAMESPACE", "LITERAL+"] {
+        assert!(caps.contains(&want), "{want} missing: {r}");
+    }
+    for gone in [
+        "LIST-EXTENDED",
+        "LIST-STATUS",
+        "COMPRESS=DEFLATE",
+        "STARTTLS",
+    ] {
+        assert!(!caps.contains(&gone), "{gone} advertised: {r}");
+    }
+
+    // Three commands in one write, for three places: answered one after the other.
+    c.write(b"p1 NOOP\r\np2 STATUS Archive/2023 (MESSAGES)\r\np3 LIST \"\" Shared\r\n")
+        .await;
+    let r = c.until_tagged("p3").await;
+    let lines: Vec<&str> = r.split("\r\n").filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines.len(), 5, "{r}");
+    assert!(lines[0].starts_with("p1 OK"), "{r}");
+    assert_eq!(lines[1], r#"* STATUS "Archive/2023" (MESSAGES 2)"#, "{r}");
+    assert!(lines[2].starts_with("p2 OK"), "{r}");
+    assert_eq!(lines[3], entry("LIST", r"\Noselect \HasChildren", "Shared"));
+    assert!(lines[4].starts_with("p3 OK"), "{r}");
+
+    // 200 kB: more than the gateway holds in memory for a command, so it is streamed.
+    let body = format!(
+        "Subject: big\r\n\r\n{}",
+        "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\r\n".repeat(3000)
+    );
+    c.write(format!("b1 APPEND Archive/2023 (\\Seen) {{{}}}\r\n", body.len()).as_bytes())
+        .await;
+    let cont = c.read_response().await;
+    assert!(cont.starts_with(b"+"), "{}", String::from_utf8_lossy(&cont));
+    c.write(body.as_bytes()).await;
+    c.write(b"\r\n").await;
+    let r = c.until_tagged("b1").await;
+    assert!(tagged_ok(&r), "{r}");
+    assert!(r.contains("[APPENDUID "), "{r}");
+    assert_eq!(direct_messages(&s.archive, "2023").await, 3);
+    // A big literal where only small ones belong is refused, and the session goes on.
+    c.write(b"b2 SELECT {100000}\r\n").await;
+    let r = c.until_tagged("b2").await;
+    assert_tagged(&r, "NO", Some("TOOBIG"), "SELECT with a 100 kB literal");
+    ok(&mut c, "NOOP").await;
+
+    // A command line longer than limits.max_command_line (64 KiB by default).
+    c.write(format!("x1 NOOP {}\r\n", "x".repeat(70 * 1024)).as_bytes())
+        .await;
+    let rest = String::from_utf8_lossy(&c.read_to_end().await).into_owned();
+    assert!(rest.starts_with("* BYE [TOOBIG]"), "{rest}");
+    drop(c);
+    s.finish().await;
+}

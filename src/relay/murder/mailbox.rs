@@ -261,7 +261,13 @@ impl Murder<'_> {
                 .await
             }
             Place::Unavailable => self.unavailable(tag).await,
-            Place::Refused(u) => self.reply(tag, "NO", Some("CANNOT"), &u.text()).await,
+            Place::Refused(u) => {
+                let code = match u {
+                    Untranslatable::MountedInbox => "NONEXISTENT",
+                    _ => "CANNOT",
+                };
+                self.reply(tag, "NO", Some(code), &u.text()).await
+            }
         }
     }
 
