@@ -1366,3 +1366,32 @@ async fn bad_input_and_pipelining_with_mounts() {
     drop(c);
     s.finish().await;
 }
+
+/// A client that vanishes inside an APPEND literal streamed to a mounted server: nothing is
+/// stored. The gateway must not log out on that connection, because its LOGOUT would be taken
+/// for the rest of the literal: here exactly `gwm2 LOGOUT` is missing, so a LOGOUT would
+/// complete the message and store it.
+#[tokio::test]
+async fn client_gone_inside_an_append_to_a_mount_stores_nothing() {
+    let s = setup().await;
+    let mut c = s.client().await;
+    let body = format!("Subject: cut\r\n\r\n{}", "z".repeat(100 * 1024));
+    c.write(format!("a1 APPEND Archive/2023 {{{}}}\r\n", body.len()).as_bytes())
+        .await;
+    let cont = c.read_response().await;
+    assert!(cont.starts_with(b"+"), "{}", String::from_utf8_lossy(&cont));
+    let missing = "gwm2 LOGOUT".len();
+    c.write(&body.as_bytes()[..body.len() - missing]).await;
+    drop(c);
+    let log = wait_for_log(&s.archive, "alice's session on the archive to end", |log| {
+        log.lines()
+            .any(|l| l.contains("imap(alice)") && l.contains("Disconnected"))
+    })
+    .await;
+    assert_eq!(
+        direct_messages(&s.archive, "2023").await,
+        2,
+        "a partial message was stored:\n{log}"
+    );
+    s.finish().await;
+}

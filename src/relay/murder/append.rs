@@ -96,11 +96,20 @@ impl Murder<'_> {
                 .await?;
             return self.unavailable(&tag).await;
         }
+        conn.mid_command = true;
         if literal.sync && !self.await_continuation(i, &tag, updates).await? {
             self.reader.abandon();
+            self.command_done(i);
             return Ok(());
         }
         self.stream_rest(i, &tag, updates).await
+    }
+
+    /// The command streamed to conn `i` is complete (or was refused before its literal).
+    fn command_done(&mut self, i: usize) {
+        if let Some(conn) = self.up(i) {
+            conn.mid_command = false;
+        }
     }
 
     /// After a synchronizing literal's announcement went to conn `i`: relays the backend's
@@ -160,6 +169,7 @@ impl Murder<'_> {
     pub(super) async fn stream_rest(&mut self, i: usize, tag: &[u8], updates: Updates) -> Step {
         loop {
             if self.reader.framer.at_message_start() {
+                self.command_done(i);
                 return self.relay_answer(i, tag, updates).await.map(drop);
             }
             if self.client.buffered().is_empty() {
@@ -187,6 +197,7 @@ impl Murder<'_> {
             self.client.consume(len);
             if sync && !self.await_continuation(i, tag, updates).await? {
                 self.reader.abandon();
+                self.command_done(i);
                 return Ok(());
             }
         }

@@ -19,9 +19,22 @@ pub(super) struct Conn {
     /// The backend's hierarchy delimiter (`LIST "" ""`), None for a flat namespace.
     pub(super) delim: Option<u8>,
     pub(super) next_tag: u32,
+    /// Set while a command is only partly written (a streamed literal): nothing else may be
+    /// sent on this connection, not even LOGOUT, or it would become part of the literal.
+    pub(super) mid_command: bool,
 }
 
 impl Conn {
+    pub(super) fn new(wire: Wire, caps: Vec<String>) -> Conn {
+        Conn {
+            wire,
+            caps,
+            delim: None,
+            next_tag: 0,
+            mid_command: false,
+        }
+    }
+
     pub(super) fn tag(&mut self) -> String {
         self.next_tag += 1;
         format!("gwm{}", self.next_tag)
@@ -123,12 +136,10 @@ impl Murder<'_> {
 
     pub(super) async fn open(&self, backend: &Backend) -> Result<Conn, String> {
         let c = self.connector.connect(backend).await?;
-        let mut conn = Conn {
-            wire: Wire::new(c.stream, c.leftover, self.opts.max_backend_line),
-            caps: c.capabilities,
-            delim: None,
-            next_tag: 0,
-        };
+        let mut conn = Conn::new(
+            Wire::new(c.stream, c.leftover, self.opts.max_backend_line),
+            c.capabilities,
+        );
         conn.delim = discover_delimiter(&mut conn)
             .await
             .map_err(|e| e.to_string())?;

@@ -117,7 +117,8 @@ impl Murder<'_> {
             },
             other => other,
         };
-        let target_ok = !matches!(outcome, Err(Failure::TargetLost));
+        // A target left inside an APPEND literal cannot be used again.
+        let target_ok = !matches!(outcome, Err(Failure::TargetLost)) && !dst.mid_command;
         let source_ok = !matches!(outcome, Err(Failure::SourceLost));
         self.conns[s].slot = if source_ok {
             Slot::Up(src)
@@ -384,24 +385,37 @@ async fn copy_one(
         cmd.extend_from_slice(b") ");
         args::push_string(&mut cmd, &meta.date, LiteralForm::NonSync);
         cmd.extend_from_slice(format!(" {{{}+}}\r\n", literal.size).as_bytes());
-        dst.wire
-            .write(&cmd)
-            .await
-            .map_err(|_| Failure::TargetLost)?;
+        dst.mid_command = true;
+        let sent_head = dst.wire.write(&cmd).await.is_ok();
         src.wire.consume(head_len);
-        match src
-            .wire
-            .copy_exact(literal.size, &mut dst.wire.stream)
-            .await
-        {
+        let body = if sent_head {
+            src.wire
+                .copy_exact(literal.size, &mut dst.wire.stream)
+                .await
+        } else {
+            src.wire
+                .copy_exact(literal.size, &mut tokio::io::sink())
+                .await
+                .and(Err(ForwardError::Sink))
+        };
+        match body {
             Ok(()) => {}
             Err(ForwardError::Source) => return Err(Failure::SourceLost),
-            Err(ForwardError::Sink) => return Err(Failure::TargetLost),
+            Err(ForwardError::Sink) => {
+                // The target is gone; read the source's answer to the end so it stays usable.
+                src.wire
+                    .forward::<crate::stream::Stream>(None)
+                    .await
+                    .map_err(|_| Failure::SourceLost)?;
+                await_tagged(src, &ftag, || Failure::SourceLost, &mut |m| updates.push(m)).await?;
+                return Err(Failure::TargetLost);
+            }
         }
         dst.wire
             .write(b"\r\n")
             .await
             .map_err(|_| Failure::TargetLost)?;
+        dst.mid_command = false;
         // The rest of the FETCH response (`)` and any item after the body).
         src.wire
             .forward::<crate::stream::Stream>(None)

@@ -159,12 +159,10 @@ pub async fn run(
         });
     }
     let caps = capability::post_login_mounts(&home.capabilities);
-    let mut home_conn = Conn {
-        wire: Wire::new(home.stream, home.leftover, opts.max_backend_line),
-        caps: home.capabilities,
-        delim: None,
-        next_tag: 0,
-    };
+    let mut home_conn = Conn::new(
+        Wire::new(home.stream, home.leftover, opts.max_backend_line),
+        home.capabilities,
+    );
     let mut s = Murder {
         client: Wire::new(client, client_ahead, opts.max_command_line),
         reader: CommandReader::new(opts.max_command_line, opts.max_literal),
@@ -233,7 +231,9 @@ impl Murder<'_> {
     async fn logout_all(&mut self) {
         let wait = self.opts.backend_logout;
         for slot in &mut self.conns {
-            if let Slot::Up(conn) = &mut slot.slot {
+            if let Slot::Up(conn) = &mut slot.slot
+                && !conn.mid_command
+            {
                 let tag = conn.tag();
                 let _ = tokio::time::timeout(wait, async {
                     if conn
@@ -246,6 +246,8 @@ impl Murder<'_> {
                     }
                 })
                 .await;
+            }
+            if let Slot::Up(conn) = &mut slot.slot {
                 let _ = conn.wire.stream.shutdown().await;
             }
             slot.slot = Slot::Idle;

@@ -164,12 +164,14 @@ impl Wire {
         }
     }
 
-    /// Copies exactly `n` bytes of the stream (a literal's data) to `out`.
+    /// Copies exactly `n` bytes of the stream (a literal's data) to `out`. If `out` fails,
+    /// the rest is still read and dropped, so this side stays framed.
     pub async fn copy_exact<W: AsyncWrite + Unpin>(
         &mut self,
         mut n: u64,
         out: &mut W,
     ) -> Result<(), ForwardError> {
+        let mut sink_failed = false;
         while n > 0 {
             if self.start == self.end {
                 self.fill(BUF_SIZE)
@@ -178,11 +180,17 @@ impl Wire {
             }
             let take =
                 usize::try_from(n).map_or(self.end - self.start, |n| n.min(self.end - self.start));
-            out.write_all(&self.buf[self.start..self.start + take])
-                .await
-                .map_err(|_| ForwardError::Sink)?;
+            if !sink_failed {
+                sink_failed = out
+                    .write_all(&self.buf[self.start..self.start + take])
+                    .await
+                    .is_err();
+            }
             self.consume(take);
             n -= take as u64;
+        }
+        if sink_failed {
+            return Err(ForwardError::Sink);
         }
         Ok(())
     }
