@@ -1395,3 +1395,37 @@ async fn client_gone_inside_an_append_to_a_mount_stores_nothing() {
     );
     s.finish().await;
 }
+
+/// ENABLE reaches every server, including those connected later, and a selection that moves
+/// to another server still gets exactly one `[CLOSED]` (RFC 7162) under QRESYNC.
+#[tokio::test]
+async fn enable_reaches_every_server() {
+    let s = setup().await;
+    let mut c = s.client().await;
+    let r = ok(&mut c, "ENABLE QRESYNC").await;
+    assert_eq!(untagged(&r), ["* ENABLED QRESYNC"], "{r}");
+    // `CHANGEDSINCE ... VANISHED` is valid only once QRESYNC is enabled on the server that
+    // answers it (Dovecot says BAD otherwise, as the direct session below shows).
+    const QRESYNC_FETCH: &str = "UID FETCH 1:* (FLAGS) (CHANGEDSINCE 1 VANISHED)";
+    let mut first = true;
+    for mailbox in [
+        "Shared/Team",
+        "INBOX",
+        "Archive/2023",
+        "Shared/Team",
+        "INBOX",
+    ] {
+        let r = ok(&mut c, &format!("SELECT {mailbox}")).await;
+        let closed = r.matches("[CLOSED]").count();
+        assert_eq!(closed, usize::from(!first), "{mailbox}: {r}");
+        first = false;
+        ok(&mut c, QRESYNC_FETCH).await;
+    }
+    let mut d = direct(&s.shared).await;
+    ok(&mut d, "SELECT Public/Team").await;
+    let r = d.cmd(QRESYNC_FETCH).await;
+    assert_tagged(&r, "BAD", None, "direct, without ENABLE");
+    logout(d).await;
+    drop(c);
+    s.finish().await;
+}
