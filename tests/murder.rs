@@ -1429,3 +1429,106 @@ async fn enable_reaches_every_server() {
     drop(c);
     s.finish().await;
 }
+
+/// Other users' namespaces of every server are translated into the client's names and
+/// delimiter; a home namespace that a mount hides is left out.
+#[tokio::test]
+async fn namespace_other_users_translated_and_hidden() {
+    let home = Dovecot::start(DovecotOptions {
+        shared_namespace: true,
+        ..DovecotOptions::default()
+    });
+    let archive = Dovecot::start(DovecotOptions {
+        separator: '.',
+        shared_namespace: true,
+        ..DovecotOptions::default()
+    });
+    let mut d = direct(&home).await;
+    let r = ok(&mut d, "NAMESPACE").await;
+    assert_eq!(
+        untagged(&r),
+        [r#"* NAMESPACE (("" "/")) (("Shared/" "/")) NIL"#],
+        "{r}"
+    );
+    logout(d).await;
+    let mut d = direct(&archive).await;
+    let r = ok(&mut d, "NAMESPACE").await;
+    assert_eq!(
+        untagged(&r),
+        [r#"* NAMESPACE (("" ".")) (("Shared." ".")) NIL"#],
+        "{r}"
+    );
+    logout(d).await;
+    let routing = format!(
+        "{}{}[[routes]]\nuser = \"alice\"\nbackend = \"home\"\n\
+         [[mounts]]\nusers = \"*\"\nprefix = \"Archive\"\nbackend = \"archive\"\n\
+         namespace = \"personal\"\n\
+         [[mounts]]\nusers = \"*\"\nprefix = \"Shared\"\nreferral = \"{REFERRAL}\"\n",
+        gateway::backend_toml("home", home.addr(), ""),
+        gateway::backend_toml("archive", archive.addr(), ""),
+    );
+    let gw = gateway::start(&routing).await;
+    let mut c = Client::connect(gw.addr).await;
+    c.login(USER, PASS).await;
+    let r = ok(&mut c, "NAMESPACE").await;
+    assert_eq!(
+        untagged(&r),
+        [r#"* NAMESPACE (("" "/")("Archive/" "/")) (("Archive/Shared/" "/")) NIL"#],
+        "{r}"
+    );
+    drop(c);
+    gw.stop().await;
+}
+
+/// METADATA (RFC 5464) on a mounted mailbox reaches its server with the name translated
+/// both ways.
+#[tokio::test]
+async fn metadata_in_a_mount() {
+    let s = setup_with(
+        false,
+        "mail_attribute_dict = file:%h/dovecot-attributes\n\
+         protocol imap {\n  imap_metadata = yes\n}\n",
+    )
+    .await;
+    let mut d = direct(&s.archive).await;
+    ok(
+        &mut d,
+        r#"SETMETADATA 2023 (/private/comment "set directly")"#,
+    )
+    .await;
+    let direct_answer = ok(&mut d, "GETMETADATA 2023 /private/comment").await;
+    logout(d).await;
+    // Dovecot sends the value as a literal; the gateway passes it on and translates the name.
+    assert_eq!(
+        before_tagged(&direct_answer),
+        "* METADATA 2023 (/private/comment {12}\r\nset directly)\r\n"
+    );
+    let mut c = s.client().await;
+    let r = ok(&mut c, "GETMETADATA Archive/2023 /private/comment").await;
+    assert_eq!(
+        before_tagged(&r),
+        "* METADATA \"Archive/2023\" (/private/comment {12}\r\nset directly)\r\n",
+        "{r}"
+    );
+    ok(
+        &mut c,
+        r#"SETMETADATA Archive/2023 (/private/comment "through the gateway")"#,
+    )
+    .await;
+    let r = ok(
+        &mut c,
+        "GETMETADATA (DEPTH 0) Archive/2023 (/private/comment)",
+    )
+    .await;
+    assert_eq!(
+        before_tagged(&r),
+        "* METADATA \"Archive/2023\" (/private/comment {19}\r\nthrough the gateway)\r\n",
+        "{r}"
+    );
+    let mut d = direct(&s.archive).await;
+    let r = ok(&mut d, "GETMETADATA 2023 /private/comment").await;
+    assert!(r.contains("through the gateway"), "{r}");
+    logout(d).await;
+    drop(c);
+    s.finish().await;
+}
