@@ -1532,3 +1532,81 @@ async fn metadata_in_a_mount() {
     drop(c);
     s.finish().await;
 }
+
+/// The other way round: a home server with `.` and a mounted one with `/`. The client sees
+/// `.` everywhere, including in the mount's prefix, and names are translated level by level.
+#[tokio::test]
+async fn dot_home_with_a_slash_mount() {
+    let home = Dovecot::start(DovecotOptions {
+        separator: '.',
+        ..DovecotOptions::default()
+    });
+    let shared = Dovecot::start(DovecotOptions {
+        public_namespace: true,
+        ..DovecotOptions::default()
+    });
+    let mut d = direct(&shared).await;
+    for mailbox in ["Public/Team", "Public/Team/Reports"] {
+        ok(&mut d, &format!("CREATE {mailbox}")).await;
+    }
+    logout(d).await;
+    let routing = format!(
+        "{}{}[[routes]]\nuser = \"alice\"\nbackend = \"home\"\n\
+         [[mounts]]\nusers = \"*\"\nprefix = \"Shared/Teams\"\nbackend = \"shared\"\n\
+         path = \"Public\"\n",
+        gateway::backend_toml("home", home.addr(), ""),
+        gateway::backend_toml("shared", shared.addr(), ""),
+    );
+    let gw = gateway::start(&routing).await;
+    let mut c = Client::connect(gw.addr).await;
+    c.login(USER, PASS).await;
+    let r = ok(&mut c, r#"LIST "" "*""#).await;
+    let dot = |attrs: &str, name: &str| format!("* LIST ({attrs}) \".\" \"{name}\"");
+    assert_eq!(
+        untagged(&r),
+        [
+            dot(r"\HasNoChildren", "INBOX"),
+            dot(r"\Noselect \HasChildren", "Shared"),
+            dot(r"\Noselect \HasChildren", "Shared.Teams"),
+            dot(r"\HasChildren", "Shared.Teams.Team"),
+            dot(r"\HasNoChildren", "Shared.Teams.Team.Reports"),
+        ],
+        "{r}"
+    );
+    ok(&mut c, "CREATE Shared.Teams.Team.New").await;
+    let r = c.cmd("CREATE Shared.Teams.a/b").await;
+    assert_tagged(
+        &r,
+        "NO",
+        Some("CANNOT"),
+        "a level with the mounted server's delimiter",
+    );
+    let r = ok(&mut c, r#"LIST "Shared.Teams." "%""#).await;
+    assert_eq!(
+        untagged(&r),
+        [dot(r"\HasChildren", "Shared.Teams.Team")],
+        "{r}"
+    );
+    let r = ok(&mut c, "NAMESPACE").await;
+    assert_eq!(
+        untagged(&r),
+        [r#"* NAMESPACE (("" ".")) NIL (("Shared.Teams." "."))"#],
+        "{r}"
+    );
+    let mut d = direct(&shared).await;
+    let r = ok(&mut d, r#"LIST "" "Public/Team/%""#).await;
+    // Dovecot lists in directory order.
+    let mut got = untagged(&r);
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            r#"* LIST (\HasNoChildren) "/" Public/Team/New"#,
+            r#"* LIST (\HasNoChildren) "/" Public/Team/Reports"#
+        ],
+        "{r}"
+    );
+    logout(d).await;
+    drop(c);
+    gw.stop().await;
+}
