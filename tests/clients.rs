@@ -292,3 +292,89 @@ async fn curl_fetches_and_lists() {
     assert!(out.stdout.is_empty(), "{out:?}");
     gw.stop().await;
 }
+
+/// Python's imaplib in a session with a mount on a server with another delimiter: it parses
+/// the merged LIST and NAMESPACE, reads a mounted mailbox, and copies a message from there to
+/// the home INBOX (a copy between servers).
+const IMAPLIB_MOUNT_SCRIPT: &str = r#"
+import imaplib, sys
+
+host, port, user, password = sys.argv[1:5]
+M = imaplib.IMAP4(host, int(port))
+def check(what, typ, data):
+    if typ != "OK":
+        print("FAILED", what, typ, data)
+        sys.exit(1)
+typ, data = M.login(user, password); check("LOGIN", typ, data)
+typ, data = M.list(); check("LIST", typ, data)
+for line in data:
+    print("LIST", line.decode())
+typ, data = M.namespace(); check("NAMESPACE", typ, data)
+print("NAMESPACE", data[0].decode())
+typ, data = M.select('"Archive/2023"'); check("SELECT", typ, data)
+print("EXISTS", data[0].decode())
+typ, data = M.fetch("1", "(RFC822)"); check("FETCH", typ, data)
+print("ARCHIVED", data[0][1].hex())
+typ, data = M.copy("1", "INBOX"); check("COPY", typ, data)
+typ, data = M.select("INBOX"); check("SELECT INBOX", typ, data)
+print("INBOX", data[0].decode())
+typ, data = M.fetch(data[0], "(RFC822)"); check("FETCH copy", typ, data)
+print("COPIED", data[0][1].hex())
+typ, data = M.logout()
+print("LOGOUT", typ)
+"#;
+
+#[tokio::test]
+async fn python_imaplib_with_a_mount() {
+    let home = seeded_dovecot();
+    let archive = Dovecot::start(DovecotOptions {
+        separator: '.',
+        ..DovecotOptions::default()
+    });
+    archive.seed_message("alice", "2023", ARCHIVED.as_bytes());
+    let routing = format!(
+        "{}{}[[routes]]\nuser = \"alice\"\nbackend = \"home\"\n\
+         [[mounts]]\nusers = \"*\"\nprefix = \"Archive\"\nbackend = \"archive\"\n\
+         namespace = \"personal\"\n",
+        gateway::backend_toml("home", home.addr(), ""),
+        gateway::backend_toml("archive", archive.addr(), ""),
+    );
+    let gw = gateway::start(&routing).await;
+    let port = gw.addr.port().to_string();
+    let out = run(
+        "python3",
+        &[
+            "-c",
+            IMAPLIB_MOUNT_SCRIPT,
+            "127.0.0.1",
+            &port,
+            "alice",
+            "alicepw",
+        ],
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "imaplib: {out:?}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    let archived_hex = ARCHIVED
+        .as_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>();
+    assert_eq!(
+        lines,
+        [
+            r#"LIST (\HasNoChildren) "/" "INBOX""#,
+            r#"LIST (\Noselect \HasChildren) "/" "Archive""#,
+            r#"LIST (\HasNoChildren) "/" "Archive/2023""#,
+            r#"NAMESPACE (("" "/")("Archive/" "/")) NIL NIL"#,
+            "EXISTS 1",
+            &format!("ARCHIVED {archived_hex}"),
+            "INBOX 3",
+            &format!("COPIED {archived_hex}"),
+            "LOGOUT BYE",
+        ],
+        "{stdout}"
+    );
+    gw.stop().await;
+}
