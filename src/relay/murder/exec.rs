@@ -164,7 +164,11 @@ impl Murder<'_> {
                         return Ok(None);
                     };
                     let out = (kind != Kind::Drop).then_some(&mut client.stream);
-                    match conn.wire.forward(out).await {
+                    // Responses of the same kind that follow go out with this one.
+                    let more = |head: &[u8]| {
+                        kind != Kind::Continuation && classify(head, tag, i != 0, updates) == kind
+                    };
+                    match conn.wire.forward_run(out, more).await {
                         Ok(()) => {}
                         Err(ForwardError::Sink) => return Err(End::ClientGone),
                         Err(ForwardError::Source) => {

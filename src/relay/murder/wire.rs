@@ -128,7 +128,18 @@ impl Wire {
     /// whole: literal data of any size flows through the fixed buffer.
     pub async fn forward<W: AsyncWrite + Unpin>(
         &mut self,
+        out: Option<&mut W>,
+    ) -> Result<(), ForwardError> {
+        self.forward_run(out, |_| false).await
+    }
+
+    /// Like [`Wire::forward`], and then goes on with the messages after it while their
+    /// first line is already buffered and `more` accepts it, so that a burst of small
+    /// responses (a FETCH of many messages) leaves in one write instead of one per message.
+    pub async fn forward_run<W: AsyncWrite + Unpin>(
+        &mut self,
         mut out: Option<&mut W>,
+        more: impl Fn(&[u8]) -> bool,
     ) -> Result<(), ForwardError> {
         let mut framer = Framer::new(self.max_line, u64::MAX);
         loop {
@@ -144,8 +155,12 @@ impl Wire {
                     Ok(Piece::Line { len, complete, .. }) => {
                         pos += len;
                         if complete && framer.at_message_start() {
-                            done = true;
-                            break;
+                            let rest = &self.buf[pos..self.end];
+                            let next_line = memchr::memchr(b'\n', rest).map(|n| &rest[..=n]);
+                            if !next_line.is_some_and(&more) {
+                                done = true;
+                                break;
+                            }
                         }
                     }
                     Ok(Piece::LiteralData { len, .. }) => pos += len,
