@@ -30,7 +30,7 @@ use self::exec::is_bye;
 use self::mailbox::{
     Place, mailbox_arg_of_extension, needs_literal, replace_args, routes_by_arguments,
 };
-use self::wire::{Wire, WireError};
+use self::wire::{ForwardError, Wire, WireError};
 use super::{RelayEnd, RelayError, RelayOptions};
 use crate::proto::args::{self};
 use crate::proto::capability;
@@ -297,31 +297,41 @@ impl Murder<'_> {
         Ok(())
     }
 
-    /// Passes on the complete responses a backend sent while no command was running.
+    /// Passes on what a backend sent while no command was running (mailbox updates of the
+    /// selected mailbox). Streamed like any response, so its size does not matter.
     async fn pass_unsolicited(&mut self, i: usize) -> Step {
-        let max_line = self.opts.max_backend_line;
         loop {
             let Some(conn) = self.up(i) else {
                 return Ok(());
             };
-            if !matches!(
-                crate::proto::framer::scan_message(conn.wire.buffered(), max_line, u64::MAX),
-                Ok(crate::proto::framer::Scan::Complete { .. })
-            ) {
+            if conn.wire.buffered().is_empty() {
                 return Ok(());
             }
-            let msg = match conn.wire.whole(MAX_REWRITTEN).await {
-                Ok(m) => m,
+            let bye = match conn.wire.head().await {
+                Ok(head) => is_bye(head),
                 Err(_) => return self.conn_failed(i),
             };
-            if is_bye(&msg) {
+            if bye {
+                let msg = conn.wire.whole(MAX_REWRITTEN).await.unwrap_or_default();
                 if i == 0 {
                     self.client.write(&msg).await.map_err(|_| End::ClientGone)?;
                     return Err(End::HomeBye);
                 }
                 return self.conn_failed(i);
             }
-            self.client.write(&msg).await.map_err(|_| End::ClientGone)?;
+            let Murder { client, conns, .. } = self;
+            let Slot::Up(conn) = &mut conns[i].slot else {
+                return Ok(());
+            };
+            match conn
+                .wire
+                .forward_run(Some(&mut client.stream), |head| !is_bye(head))
+                .await
+            {
+                Ok(()) => {}
+                Err(ForwardError::Sink) => return Err(End::ClientGone),
+                Err(ForwardError::Source) => return self.conn_failed(i),
+            }
         }
     }
 
@@ -553,40 +563,50 @@ impl Murder<'_> {
                     },
                 )));
             }
-            let Murder { client, conns, .. } = self;
-            let Slot::Up(conn) = &mut conns[i].slot else {
+            let Some(conn) = self.up(i) else {
                 return self.unavailable(tag).await;
             };
-            let complete = matches!(
-                crate::proto::framer::scan_message(
-                    conn.wire.buffered(),
-                    self.opts.max_backend_line,
-                    u64::MAX
-                ),
-                Ok(crate::proto::framer::Scan::Complete { .. })
-            );
-            if complete {
-                let msg = match conn.wire.whole(MAX_REWRITTEN).await {
-                    Ok(m) => m,
+            if !conn.wire.buffered().is_empty() {
+                // A response has begun: take it whole when it is the end of IDLE (tagged) or
+                // the server leaving (BYE), else stream it and whatever follows like it.
+                let (tagged, bye) = match conn.wire.head().await {
+                    Ok(head) => (
+                        args::head(head).is_some_and(|(t, _, _)| t == tag),
+                        is_bye(head),
+                    ),
                     Err(_) => {
                         self.conn_failed(i)?;
                         return self.unavailable(tag).await;
                     }
                 };
-                let is_tagged = args::head(&msg).is_some_and(|(t, _, _)| t == tag);
-                if is_bye(&msg) && i != 0 {
+                if tagged {
+                    return self.relay_answer(i, tag, Updates::Deliver).await.map(drop);
+                }
+                if bye && i != 0 {
                     self.conn_failed(i)?;
                     return self.unavailable(tag).await;
                 }
-                self.client.write(&msg).await.map_err(|_| End::ClientGone)?;
-                if is_tagged {
-                    return Ok(());
+                let Murder { client, conns, .. } = self;
+                let Slot::Up(conn) = &mut conns[i].slot else {
+                    return self.unavailable(tag).await;
+                };
+                let more = |h: &[u8]| !is_bye(h) && args::head(h).is_some_and(|(t, _, _)| t != tag);
+                match conn.wire.forward_run(Some(&mut client.stream), more).await {
+                    Ok(()) => continue,
+                    Err(ForwardError::Sink) => return Err(End::ClientGone),
+                    Err(ForwardError::Source) => {
+                        self.conn_failed(i)?;
+                        return self.unavailable(tag).await;
+                    }
                 }
-                continue;
             }
+            let Murder { client, conns, .. } = self;
+            let Slot::Up(conn) = &mut conns[i].slot else {
+                return self.unavailable(tag).await;
+            };
             tokio::select! {
                 r = client.fill(READ) => r?,
-                r = conn.wire.fill(MAX_REWRITTEN) => {
+                r = conn.wire.fill(READ) => {
                     if r.is_err() {
                         self.conn_failed(i)?;
                         return self.unavailable(tag).await;
