@@ -1610,3 +1610,125 @@ async fn dot_home_with_a_slash_mount() {
     drop(c);
     gw.stop().await;
 }
+
+/// XLIST is answered like LIST (merged), even with a mounted mailbox selected; a message set
+/// that is not one is refused before it reaches any server; an overlong tag is refused.
+#[tokio::test]
+async fn xlist_sets_and_tags() {
+    let s = setup().await;
+    let mut c = s.client().await;
+    ok(&mut c, "SELECT Archive/2023").await;
+    let list = ok(&mut c, r#"LIST "" "*""#).await;
+    let xlist = ok(&mut c, r#"XLIST "" "*""#).await;
+    assert_eq!(untagged(&xlist), untagged(&list), "{xlist}");
+    assert_eq!(untagged(&list), entries("LIST", &tree_names()), "{list}");
+
+    ok(&mut c, "SELECT INBOX").await;
+    c.write(b"a1 UID COPY {23+}\r\n1 (UID)\r\nzz SELECT Sent Archive/2023\r\n")
+        .await;
+    let r = c.until_tagged("a1").await;
+    assert_tagged(&r, "BAD", None, "a literal message set");
+    let r = ok(&mut c, "FETCH 1:* (UID)").await;
+    assert_eq!(
+        untagged(&r),
+        ["* 1 FETCH (UID 1)", "* 2 FETCH (UID 2)"],
+        "INBOX is still selected: {r}"
+    );
+
+    let long = "t".repeat(65);
+    c.write(format!("{long} NOOP\r\n").as_bytes()).await;
+    assert_eq!(c.read_response().await, b"* BAD Tag too long\r\n");
+    ok(&mut c, "NOOP").await;
+    drop(c);
+    s.finish().await;
+}
+
+/// When the server of the selected (mounted) mailbox goes away, commands on it answer
+/// `NO [UNAVAILABLE]` until the client closes it or selects another; the session goes on.
+#[tokio::test]
+async fn selected_mount_goes_away() {
+    let mut s = setup().await;
+    let mut c = s.client().await;
+    let r = ok(&mut c, "SELECT Archive/2023").await;
+    assert_eq!(select_state(&r).0, 2, "{r}");
+    s.archive.stop();
+    for command in [
+        "FETCH 1 (FLAGS)",
+        "UID SEARCH ALL",
+        "IDLE",
+        r#"COPY 1 "Work""#,
+    ] {
+        let r = c.cmd(command).await;
+        assert_tagged(&r, "NO", Some("UNAVAILABLE"), command);
+    }
+    ok(&mut c, "CLOSE").await;
+    let r = ok(&mut c, "SELECT INBOX").await;
+    assert_eq!(select_state(&r).0, 2, "{r}");
+    ok(&mut c, "FETCH 1 (FLAGS)").await;
+    drop(c);
+    s.finish().await;
+}
+
+/// A mount on the user's own home server, and two mounts on one server: each name reaches
+/// the right mailbox and comes back under the mount it was asked through.
+#[tokio::test]
+async fn mounts_on_home_and_two_on_one_server() {
+    let home = Dovecot::start(DovecotOptions {
+        public_namespace: true,
+        ..DovecotOptions::default()
+    });
+    let archive = Dovecot::start(DovecotOptions {
+        separator: '.',
+        ..DovecotOptions::default()
+    });
+    archive.seed_message(USER, "2023", message("archived 1", "old").as_bytes());
+    archive.seed_message(USER, "2024.Q1", message("q1 1", "q1").as_bytes());
+    archive.seed_message(USER, "2024.Q1", message("q1 2", "q1").as_bytes());
+    let mut d = direct(&home).await;
+    ok(&mut d, "CREATE Public/Team").await;
+    append(&mut d, "Public/Team", "", &message("team 1", "hello")).await;
+    logout(d).await;
+    let routing = format!(
+        "{}{}[[routes]]\nuser = \"alice\"\nbackend = \"home\"\n\
+         [[mounts]]\nusers = \"*\"\nprefix = \"Shared\"\nbackend = \"home\"\npath = \"Public\"\n\
+         [[mounts]]\nusers = \"*\"\nprefix = \"Archive\"\nbackend = \"archive\"\n\
+         [[mounts]]\nusers = \"*\"\nprefix = \"This year\"\nbackend = \"archive\"\n\
+         path = \"2024\"\n",
+        gateway::backend_toml("home", home.addr(), ""),
+        gateway::backend_toml("archive", archive.addr(), ""),
+    );
+    let gw = gateway::start(&routing).await;
+    let mut c = Client::connect(gw.addr).await;
+    c.login(USER, PASS).await;
+    let r = ok(&mut c, "STATUS Shared/Team (MESSAGES)").await;
+    assert_status(&r, "Shared/Team", "MESSAGES 1");
+    let r = ok(&mut c, r#"STATUS "This year/Q1" (MESSAGES)"#).await;
+    assert_status(&r, "This year/Q1", "MESSAGES 2");
+    let r = ok(&mut c, "STATUS Archive/2024/Q1 (MESSAGES)").await;
+    assert_status(&r, "Archive/2024/Q1", "MESSAGES 2");
+    let r = ok(&mut c, r#"SELECT "This year/Q1""#).await;
+    assert_eq!(select_state(&r).0, 2, "{r}");
+    let r = ok(&mut c, "SELECT Shared/Team").await;
+    assert_eq!(select_state(&r).0, 1, "{r}");
+    // `2024` exists only as the parent of the seeded `2024.Q1`, so the archive lists it as
+    // \Noselect; the mount point is that mailbox (non-empty path) and keeps its attributes.
+    let mut d = direct(&archive).await;
+    let r = ok(&mut d, r#"LIST "" "2024""#).await;
+    assert_eq!(
+        untagged(&r),
+        [r#"* LIST (\Noselect \HasChildren) "." 2024"#],
+        "{r}"
+    );
+    logout(d).await;
+    let r = ok(&mut c, r#"LIST "" "This year*""#).await;
+    assert_eq!(
+        untagged(&r),
+        [
+            entry("LIST", r"\Noselect \HasChildren", "This year"),
+            entry("LIST", r"\HasNoChildren", "This year/Q1"),
+        ],
+        "{r}"
+    );
+    drop(c);
+    gw.stop().await;
+}

@@ -135,14 +135,16 @@ impl Murder<'_> {
             };
             match kind {
                 Kind::Continuation => {
-                    conn.wire
-                        .forward(Some(&mut client.stream))
-                        .await
-                        .map_err(|e| match e {
-                            ForwardError::Sink => End::ClientGone,
-                            ForwardError::Source => End::HomeLost,
-                        })?;
-                    return Ok(true);
+                    match conn.wire.forward(Some(&mut client.stream)).await {
+                        Ok(()) => return Ok(true),
+                        Err(ForwardError::Sink) => return Err(End::ClientGone),
+                        Err(ForwardError::Source) => {
+                            // The client got no `+`, so it sends no literal.
+                            self.conn_failed(i)?;
+                            self.unavailable(tag).await?;
+                            return Ok(false);
+                        }
+                    }
                 }
                 Kind::Tagged | Kind::Bye => {
                     let st = self.relay_answer(i, tag, updates).await?;
@@ -185,16 +187,23 @@ impl Murder<'_> {
                 Piece::LiteralData { len, .. } => (len, false),
             };
             let Murder { client, conns, .. } = self;
-            let Slot::Up(conn) = &mut conns[i].slot else {
-                return Err(End::HomeLost);
+            let written = match &mut conns[i].slot {
+                Slot::Up(conn) => conn.wire.write(&client.buffered()[..len]).await.is_ok(),
+                _ => false,
             };
-            if conn.wire.write(&client.buffered()[..len]).await.is_err() {
-                // The client's literal can no longer go anywhere; the session cannot
-                // resynchronise without reading it, so it ends.
-                self.conn_failed(i)?;
-                return Err(End::ClientGone);
-            }
             self.client.consume(len);
+            if !written {
+                // The backend is gone: the rest of the client's command is read and dropped
+                // (a synchronizing literal it was not invited to send never comes), then the
+                // client is told. The home backend ends the session instead.
+                self.conn_failed(i)?;
+                if sync {
+                    self.reader.abandon();
+                } else {
+                    self.reader.skip_rest(&mut self.client, false).await?;
+                }
+                return self.unavailable(tag).await;
+            }
             if sync && !self.await_continuation(i, tag, updates).await? {
                 self.reader.abandon();
                 self.command_done(i);

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use super::names;
 use super::wire::{Wire, WireError};
 use super::{End, MAX_REWRITTEN, Murder, RETRY_AFTER, Step};
 use crate::proto::args;
@@ -107,6 +108,10 @@ impl Murder<'_> {
         if i == 0 {
             return Err(End::HomeLost);
         }
+        if self.selected == Some(i) {
+            self.selected = None;
+            self.selection_lost = true;
+        }
         warn!(backend = %self.conns[i].backend.name, "mounted backend connection lost");
         self.conns[i].slot = Slot::Down(Instant::now());
         Ok(())
@@ -143,10 +148,10 @@ impl Murder<'_> {
         conn.delim = discover_delimiter(&mut conn)
             .await
             .map_err(|e| e.to_string())?;
-        for args in &self.enabled {
+        if !self.enabled.is_empty() {
             let tag = conn.tag();
             let mut cmd = format!("{tag} ENABLE ").into_bytes();
-            cmd.extend_from_slice(args);
+            cmd.extend_from_slice(&names::join(self.enabled.iter().map(Vec::as_slice), b' '));
             cmd.extend_from_slice(b"\r\n");
             conn.wire.write(&cmd).await.map_err(|e| e.to_string())?;
             read_until_quiet(&mut conn, &tag)

@@ -11,6 +11,10 @@ use crate::proto::args::{self, Item, LiteralForm, Value};
 use crate::proto::framer::parse_literal_suffix;
 use crate::proto::response::{Status, parse_status_line};
 
+/// Most messages one COPY or MOVE takes to another server: their flags and dates are held
+/// while the bodies stream, and the client is told to copy in parts beyond this.
+const MAX_CROSS_COPY: usize = 10_000;
+
 /// One message to copy.
 struct Meta {
     uid: u32,
@@ -40,6 +44,9 @@ impl Murder<'_> {
         uid: bool,
         literals: bool,
     ) -> Step {
+        if self.selection_lost {
+            return self.unavailable(tag).await;
+        }
         let Some(s) = self.selected else {
             // Nothing selected: home gives the standard answer.
             return self
@@ -55,6 +62,14 @@ impl Murder<'_> {
                 .reply(tag, "BAD", None, "Expected a message set and a mailbox")
                 .await;
         };
+        // The set goes into the gateway's own FETCH: only sequence-set characters may pass.
+        if set.is_empty()
+            || !set
+                .iter()
+                .all(|b| b.is_ascii_digit() || b":,*$".contains(b))
+        {
+            return self.reply(tag, "BAD", None, "Invalid message set").await;
+        }
         let set = set.to_vec();
         let (t, tname) = match self.place(name).await {
             Place::On(t, n) => (t, n),
@@ -108,10 +123,10 @@ impl Murder<'_> {
         let mut expunges: Vec<Vec<u8>> = Vec::new();
         let outcome = match transfer(&mut src, &mut dst, &set, uid, &tname, &mut updates).await {
             // MOVE: remove the originals only once every copy exists.
-            Ok(done) if mv => match expunge(&mut src, &done.0, &mut expunges).await {
+            Ok(done) if mv => match expunge(&mut src, &done, &mut expunges).await {
                 Ok(()) => Ok(done),
                 Err(f) => {
-                    remove_copies(&mut dst, &tname, &done.1).await;
+                    remove_copies(&mut dst, &tname, &done.dst).await;
                     Err(f)
                 }
             },
@@ -140,8 +155,8 @@ impl Murder<'_> {
             self.client.write(u).await.map_err(|_| End::ClientGone)?;
         }
         match outcome {
-            Ok((src_uids, dst_uids, validity)) => {
-                let code = copyuid(validity, &src_uids, &dst_uids);
+            Ok(done) => {
+                let code = copyuid(done.validity, &done.src, &done.dst);
                 if mv {
                     if let Some(code) = &code {
                         let line = format!("* OK [{code}] Moved\r\n");
@@ -177,7 +192,17 @@ fn copyuid(validity: Option<u32>, src: &[u32], dst: &[u32]) -> Option<String> {
     Some(format!("COPYUID {v} {} {}", join(src), join(dst)))
 }
 
-type Appended = (Vec<u32>, Vec<u32>, Option<u32>);
+/// What a cross-server copy made.
+struct Appended {
+    /// Source UIDs, in order.
+    src: Vec<u32>,
+    /// Target UIDs (APPENDUID), when the target reported them.
+    dst: Vec<u32>,
+    /// The target mailbox's UIDVALIDITY, when reported.
+    validity: Option<u32>,
+    /// Source UIDs that were `\Deleted` before the copy (MOVE must leave them so).
+    were_deleted: Vec<u32>,
+}
 
 /// Copies the messages `set` of the source's selected mailbox to `tname` on the target.
 /// Returns the source UIDs, the target UIDs and the target's UIDVALIDITY (when reported).
@@ -204,14 +229,28 @@ async fn transfer(
                 }
             }
             Err(f) => {
-                if !matches!(f, Failure::TargetLost) && dst_uids.len() == src_uids.len() {
+                // Never into a target left inside an APPEND literal.
+                if !matches!(f, Failure::TargetLost)
+                    && !dst.mid_command
+                    && dst_uids.len() == src_uids.len()
+                {
                     remove_copies(dst, tname, &dst_uids).await;
                 }
                 return Err(f);
             }
         }
     }
-    Ok((src_uids, dst_uids, validity))
+    let were_deleted = metas
+        .iter()
+        .filter(|m| m.flags.iter().any(|f| f.eq_ignore_ascii_case(b"\\Deleted")))
+        .map(|m| m.uid)
+        .collect();
+    Ok(Appended {
+        src: src_uids,
+        dst: dst_uids,
+        validity,
+        were_deleted,
+    })
 }
 
 /// Flags, internal date and UID of each message of the set.
@@ -230,16 +269,25 @@ async fn fetch_meta(
         .await
         .map_err(|_| Failure::SourceLost)?;
     let mut metas = Vec::new();
+    let mut too_many = false;
     await_tagged(
         src,
         &tag,
         || Failure::SourceLost,
         &mut |msg| match parse_meta(&msg) {
+            Some(_) if metas.len() >= MAX_CROSS_COPY => too_many = true,
             Some(m) => metas.push(m),
-            None => updates.push(msg),
+            None if updates.len() < MAX_CROSS_COPY => updates.push(msg),
+            None => {}
         },
     )
     .await?;
+    if too_many {
+        return Err(Failure::Refused {
+            code: Some("LIMIT".into()),
+            text: format!("Copy at most {MAX_CROSS_COPY} messages to another server at once"),
+        });
+    }
     Ok(metas)
 }
 
@@ -338,7 +386,9 @@ async fn copy_one(
                 .await
                 .map_err(|_| Failure::SourceLost)?;
             match parse_status_line(&msg) {
-                Some(s) if s.status == Status::Ok && sent => break,
+                // The whole body reached the target: the copy stands, whatever else the
+                // source says, and the target's answer must be read.
+                _ if sent => break,
                 Some(s) if s.status == Status::Ok => {
                     return Err(Failure::Refused {
                         code: Some("EXPUNGEISSUED".into()),
@@ -398,6 +448,10 @@ async fn copy_one(
                 .await
                 .and(Err(ForwardError::Sink))
         };
+        let body = match body {
+            Ok(()) if dst.wire.write(b"\r\n").await.is_err() => Err(ForwardError::Sink),
+            other => other,
+        };
         match body {
             Ok(()) => {}
             Err(ForwardError::Source) => return Err(Failure::SourceLost),
@@ -411,10 +465,6 @@ async fn copy_one(
                 return Err(Failure::TargetLost);
             }
         }
-        dst.wire
-            .write(b"\r\n")
-            .await
-            .map_err(|_| Failure::TargetLost)?;
         dst.mid_command = false;
         // The rest of the FETCH response (`)` and any item after the body).
         src.wire
@@ -437,35 +487,67 @@ fn parse_appenduid(code: &str) -> Option<(u32, u32)> {
 }
 
 /// MOVE's second half: marks the copied messages and expunges exactly those.
-async fn expunge(src: &mut Conn, uids: &[u32], expunges: &mut Vec<Vec<u8>>) -> Result<(), Failure> {
-    if uids.is_empty() {
+async fn expunge(
+    src: &mut Conn,
+    done: &Appended,
+    expunges: &mut Vec<Vec<u8>>,
+) -> Result<(), Failure> {
+    let join = |uids: &mut dyn Iterator<Item = u32>| {
+        uids.map(|u| u.to_string()).collect::<Vec<_>>().join(",")
+    };
+    let set = join(&mut done.src.iter().copied());
+    if set.is_empty() {
         return Ok(());
     }
-    let set = uids
-        .iter()
-        .map(u32::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
-    for cmd in [
-        format!("UID STORE {set} +FLAGS.SILENT (\\Deleted)"),
-        format!("UID EXPUNGE {set}"),
-    ] {
-        let tag = src.tag();
-        src.wire
-            .write(format!("{tag} {cmd}\r\n").as_bytes())
-            .await
-            .map_err(|_| Failure::SourceLost)?;
-        await_tagged(src, &tag, || Failure::SourceLost, &mut |m| expunges.push(m))
-            .await
-            .map_err(|f| match f {
-                Failure::Refused { code, text } => Failure::Refused {
-                    code,
-                    text: format!("Copied, but the originals could not be removed: {text}"),
-                },
-                other => other,
-            })?;
+    let refused = |f: Failure| match f {
+        Failure::Refused { code, text } => Failure::Refused {
+            code,
+            text: format!("Copied, but the originals could not be removed: {text}"),
+        },
+        other => other,
+    };
+    run(
+        src,
+        &format!("UID STORE {set} +FLAGS.SILENT (\\Deleted)"),
+        expunges,
+    )
+    .await
+    .map_err(refused)?;
+    if let Err(f) = run(src, &format!("UID EXPUNGE {set}"), expunges).await {
+        // Put the flags back as they were, so the source is left as it was.
+        let marked = join(
+            &mut done
+                .src
+                .iter()
+                .copied()
+                .filter(|u| !done.were_deleted.contains(u)),
+        );
+        if !marked.is_empty() {
+            let _ = run(
+                src,
+                &format!("UID STORE {marked} -FLAGS.SILENT (\\Deleted)"),
+                expunges,
+            )
+            .await;
+        }
+        return Err(refused(f));
     }
     Ok(())
+}
+
+/// Sends one command of the gateway's own to `conn` and reads its answer; untagged responses
+/// go to `untagged`.
+async fn run(conn: &mut Conn, cmd: &str, untagged: &mut Vec<Vec<u8>>) -> Result<(), Failure> {
+    let tag = conn.tag();
+    conn.wire
+        .write(format!("{tag} {cmd}\r\n").as_bytes())
+        .await
+        .map_err(|_| Failure::SourceLost)?;
+    await_tagged(conn, &tag, || Failure::SourceLost, &mut |m| {
+        untagged.push(m)
+    })
+    .await
+    .map(drop)
 }
 
 /// Removes messages appended to `tname` on the target (a failed copy leaves nothing behind).
@@ -481,10 +563,12 @@ async fn remove_copies(dst: &mut Conn, tname: &[u8], uids: &[u32]) {
         .join(",");
     let mut select = b"SELECT ".to_vec();
     args::push_string(&mut select, tname, LiteralForm::NonSync);
+    // CLOSE would expunge every \Deleted message there, not only the copies; a failing
+    // EXAMINE deselects without expunging (RFC 3501).
     let unselect = if dst.has("UNSELECT") {
         "UNSELECT"
     } else {
-        "CLOSE"
+        "EXAMINE \"\""
     };
     for cmd in [
         select,

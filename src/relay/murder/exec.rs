@@ -57,7 +57,7 @@ impl Murder<'_> {
         tag: &[u8],
         literals: bool,
     ) -> Step<Option<Status>> {
-        if self.up(i).is_none() {
+        if self.selection_lost || self.up(i).is_none() {
             self.unavailable(tag).await?;
             return Ok(None);
         }
@@ -235,6 +235,7 @@ impl Murder<'_> {
         }
         let mut out = Vec::with_capacity(msg.len() + 32);
         let mut at = 0;
+        edits.sort_by_key(|(range, _)| range.start);
         for (range, value) in edits {
             out.extend_from_slice(&msg[at..range.start]);
             args::push_string(&mut out, &value, LiteralForm::Server);

@@ -12,6 +12,14 @@ use crate::proto::prescan::CommandName;
 use crate::proto::response::{Status, parse_status_line};
 use crate::route::MountTarget;
 
+/// Longest reference plus pattern. Matching costs pattern length times name length for
+/// every name listed; mailbox names are at most a few hundred bytes.
+const MAX_PATTERN: usize = 1024;
+
+/// Most bytes of one server's answer held for merging (a LIST of some 100,000 mailboxes); the
+/// rest is read and dropped, and the server counts as unavailable for that command.
+const MAX_COLLECTED: usize = 16 << 20;
+
 /// One mailbox of the merged answer.
 struct Entry {
     name: Vec<u8>,
@@ -44,12 +52,36 @@ impl Murder<'_> {
                 .reply(tag, "BAD", None, "Expected a reference and a mailbox pattern (LIST-EXTENDED is not supported here)")
                 .await;
         };
+        if reference.len() + pat.len() > MAX_PATTERN {
+            return self
+                .reply(tag, "BAD", None, "Mailbox pattern too long")
+                .await;
+        }
         if items.len() != 2 {
             return self
                 .reply(tag, "BAD", None, "LIST-EXTENDED is not supported here")
                 .await;
         }
         let d = self.delim;
+        if pat.is_empty() && !reference.is_empty() {
+            // The root of the reference: in the home's names, which are the client's.
+            let mut cmd = tag.to_vec();
+            cmd.push(b' ');
+            cmd.extend_from_slice(word);
+            cmd.push(b' ');
+            args::push_string(&mut cmd, reference, LiteralForm::NonSync);
+            cmd.extend_from_slice(b" \"\"\r\n");
+            let literals = super::needs_literal(&cmd);
+            let updates = if self.selected == Some(0) {
+                super::Updates::Deliver
+            } else {
+                super::Updates::Drop
+            };
+            return self
+                .exec_raw(0, &cmd, tag, literals, updates)
+                .await
+                .map(drop);
+        }
         if pat.is_empty() {
             // The hierarchy delimiter and root: the same for every server, in client terms.
             if !lsub {
@@ -86,6 +118,7 @@ impl Murder<'_> {
             }
         }
         let mut conns: Vec<usize> = wanted.iter().map(|w| w.1).collect();
+        conns.sort_unstable();
         conns.dedup();
         self.ensure_many(&conns).await;
 
@@ -156,6 +189,7 @@ impl Murder<'_> {
         let mut children_seen = vec![false; self.mounts.len()];
         let mut whole_asked = vec![false; self.mounts.len()];
         let mut passthrough: Vec<Vec<u8>> = Vec::new();
+        let mut home_failed = None;
         for q in &queries {
             let answers = match self.collect(q.conn, &q.tag).await {
                 Ok(a) => a,
@@ -181,7 +215,10 @@ impl Murder<'_> {
                     Some((_, t)) => ("NO", t),
                     None => ("NO", "List failed".to_owned()),
                 };
-                return self.reply(tag, stat, None, &text).await;
+                // The other servers' answers are read all the same (below), so that no
+                // connection is left with an answer pending.
+                home_failed = Some((stat, text));
+                continue;
             }
             if let Some(m) = q.mount {
                 if !matches!(st, Some((Status::Ok, _))) {
@@ -236,14 +273,21 @@ impl Murder<'_> {
             }
         }
 
+        if let Some((stat, text)) = home_failed {
+            for p in &passthrough {
+                self.client.write(p).await.map_err(|_| End::ClientGone)?;
+            }
+            return self.reply(tag, stat, None, &text).await;
+        }
+
         // Mount points, the levels above them, and referrals.
         for (m, mount) in self.mounts.iter().enumerate() {
             let referral = matches!(mount.target, MountTarget::Referral(_));
             if referral && !remote {
                 continue;
             }
-            let levels: Vec<&[u8]> = mount.prefix.iter().map(String::as_bytes).collect();
-            let pfx = names::join(levels.iter().copied(), d);
+            let pfx = names::client_prefix(mount, d);
+            let levels = names::levels(&pfx, Some(d));
             for k in 1..levels.len() {
                 let above = names::join(levels[..k].iter().copied(), d);
                 if lsub {
@@ -365,12 +409,18 @@ impl Murder<'_> {
             return Err(());
         };
         let mut untagged = Vec::new();
+        let mut held = 0usize;
         loop {
             let msg = conn.wire.whole(MAX_REWRITTEN).await.map_err(drop)?;
             match args::head(&msg) {
+                // An answer too big to merge counts as a failed one.
+                Some((t, _, _)) if t == tag.as_bytes() && held > MAX_COLLECTED => return Err(()),
                 Some((t, _, _)) if t == tag.as_bytes() => return Ok((msg, untagged)),
                 Some((b"*", w, _)) if w.eq_ignore_ascii_case(b"BYE") => return Err(()),
-                Some((b"*", _, _)) => untagged.push(msg),
+                Some((b"*", _, _)) if held <= MAX_COLLECTED => {
+                    held += msg.len();
+                    untagged.push(msg);
+                }
                 _ => {}
             }
         }

@@ -61,7 +61,12 @@ pub(super) fn mailbox_arg_of_extension(word: &[u8], items: &[Item<'_>]) -> Optio
 /// Whether the gateway must read a command's arguments to know where it goes (or to answer it).
 pub(super) fn routes_by_arguments(name: CommandName, word: &[u8], rest: &[u8]) -> bool {
     match name {
-        CommandName::Other => mailbox_arg_of_extension(word, &[]).is_some(),
+        CommandName::Other => {
+            let upper = word.to_ascii_uppercase();
+            upper == b"GETMETADATA"
+                || upper == b"XLIST"
+                || mailbox_arg_of_extension(word, &[]).is_some()
+        }
         CommandName::Uid => {
             let sub = rest.get(..5).unwrap_or(rest);
             sub.eq_ignore_ascii_case(b"COPY ") || sub.eq_ignore_ascii_case(b"MOVE ")
@@ -175,6 +180,7 @@ impl Murder<'_> {
         let Some(name) = items.first().and_then(|i| i.value.as_bytes()) else {
             return self.reply(tag, "BAD", None, "Mailbox name expected").await;
         };
+        self.selection_lost = false;
         let place = self.place(name).await;
         let (i, bname) = match place {
             Place::On(i, n) => (i, n),

@@ -46,6 +46,13 @@ const RETRY_AFTER: Duration = Duration::from_secs(30);
 /// Largest response the gateway holds whole to rewrite (LIST, STATUS, NAMESPACE, ...). Such
 /// responses are a line of names; a bigger one is a broken or hostile server.
 const MAX_REWRITTEN: usize = 1 << 20;
+/// Longest client tag accepted with mounts. Responses are classified on their first
+/// [`crate::proto::framer::HEAD_LEN`] bytes, which must hold the tag; real clients use a few
+/// characters.
+const MAX_TAG: usize = 64;
+/// Capabilities remembered from ENABLE and replayed on connections opened later; there are a
+/// handful of enable-able extensions, so more is a client repeating itself.
+const MAX_ENABLED: usize = 16;
 /// Read size for the client and the backends.
 const READ: usize = 16 * 1024;
 
@@ -119,7 +126,10 @@ struct Murder<'a> {
     delim: u8,
     /// The conn holding the selected mailbox.
     selected: Option<usize>,
-    /// Arguments of the client's successful ENABLE commands, replayed on later connections.
+    /// The selected mailbox's server went away: commands on it fail until the client selects
+    /// (or closes) a mailbox again.
+    selection_lost: bool,
+    /// Capabilities the client enabled, replayed on connections opened later.
     enabled: Vec<Vec<u8>>,
     caps: String,
     connector: &'a dyn Connector,
@@ -141,21 +151,18 @@ pub async fn run(
         slot: Slot::Idle,
     }];
     let mut mount_conn = Vec::with_capacity(mounts.len());
+    // One connection per mount, even when two mounts (or a mount and home) are on the same
+    // server: each connection then has one translation of names and its own selection.
     for m in &mounts {
         mount_conn.push(match &m.target {
             MountTarget::Referral(_) => None,
-            MountTarget::Backend { backend, .. } => Some(
-                match conns.iter().position(|c| Arc::ptr_eq(&c.backend, backend)) {
-                    Some(i) => i,
-                    None => {
-                        conns.push(BackendSlot {
-                            backend: Arc::clone(backend),
-                            slot: Slot::Idle,
-                        });
-                        conns.len() - 1
-                    }
-                },
-            ),
+            MountTarget::Backend { backend, .. } => {
+                conns.push(BackendSlot {
+                    backend: Arc::clone(backend),
+                    slot: Slot::Idle,
+                });
+                Some(conns.len() - 1)
+            }
         });
     }
     let caps = capability::post_login_mounts(&home.capabilities);
@@ -171,6 +178,7 @@ pub async fn run(
         mount_conn,
         delim: b'/',
         selected: None,
+        selection_lost: false,
         enabled: Vec::new(),
         caps,
         connector,
@@ -307,10 +315,20 @@ impl Murder<'_> {
             if conn.wire.buffered().is_empty() {
                 return Ok(());
             }
-            let bye = match conn.wire.head().await {
-                Ok(head) => is_bye(head),
+            let (bye, stray) = match conn.wire.head().await {
+                // A tagged line outside any command answers nothing the client sent.
+                Ok(head) => (
+                    is_bye(head),
+                    !head.starts_with(b"* ") && !head.starts_with(b"+"),
+                ),
                 Err(_) => return self.conn_failed(i),
             };
+            if stray {
+                if conn.wire.forward::<Stream>(None).await.is_err() {
+                    return self.conn_failed(i);
+                }
+                continue;
+            }
             if bye {
                 let msg = conn.wire.whole(MAX_REWRITTEN).await.unwrap_or_default();
                 if i == 0 {
@@ -361,6 +379,9 @@ impl Murder<'_> {
                 .reply(&tag, "BAD", None, "Command not understood")
                 .await;
         };
+        if p.tag.len() > MAX_TAG {
+            return self.reply(b"*", "BAD", None, "Tag too long").await;
+        }
         let tag = p.tag.to_vec();
         let name = p.name;
         let args_at = p.name_range.end + 1;
@@ -405,7 +426,7 @@ impl Murder<'_> {
                 )
                 .await
             }
-            CommandName::Enable => self.enable(&tag, &cmd, args_at).await,
+            CommandName::Enable => self.enable(&tag, &cmd, &items).await,
             CommandName::Namespace => self.namespace(&tag).await,
             CommandName::List | CommandName::Lsub | CommandName::Rlist | CommandName::Rlsub => {
                 self.list(&tag, name, &items).await
@@ -413,6 +434,11 @@ impl Murder<'_> {
             CommandName::Idle => self.idle(&tag, &cmd).await,
             CommandName::Select | CommandName::Examine => {
                 self.select(&tag, &cmd, &items, literals).await
+            }
+            CommandName::Close | CommandName::Unselect if self.selection_lost => {
+                // Its server is gone, and so is the selection.
+                self.selection_lost = false;
+                self.reply(&tag, "OK", None, "Mailbox closed").await
             }
             CommandName::Close | CommandName::Unselect => {
                 let i = self.selected.unwrap_or(0);
@@ -466,6 +492,10 @@ impl Murder<'_> {
             CommandName::GetQuota | CommandName::SetQuota => {
                 self.quota_command(&tag, &cmd, &items, literals).await
             }
+            // XLIST (an old Gmail extension some servers still answer) lists like LIST.
+            CommandName::Other if cmd[p.name_range.clone()].eq_ignore_ascii_case(b"XLIST") => {
+                self.list(&tag, CommandName::List, &items).await
+            }
             CommandName::Other => {
                 let word = &cmd[p.name_range.clone()];
                 match mailbox_arg_of_extension(word, &items) {
@@ -505,35 +535,84 @@ impl Murder<'_> {
         Err(End::HomeBye)
     }
 
-    async fn enable(&mut self, tag: &[u8], cmd: &[u8], args_at: usize) -> Step {
+    async fn enable(&mut self, tag: &[u8], cmd: &[u8], items: &[args::Item<'_>]) -> Step {
         let st = self.exec_raw(0, cmd, tag, false, Updates::Deliver).await?;
         if st != Some(Status::Ok) {
             return Ok(());
         }
-        let args = cmd.get(args_at..).unwrap_or(b"");
-        let args = args
-            .strip_suffix(b"\r\n")
-            .or_else(|| args.strip_suffix(b"\n"))
-            .unwrap_or(args)
-            .to_vec();
-        for i in 1..self.conns.len() {
-            if let Slot::Up(conn) = &mut self.conns[i].slot {
-                let t = conn.tag();
-                let mut line = format!("{t} ENABLE ").into_bytes();
-                line.extend_from_slice(&args);
-                line.extend_from_slice(b"\r\n");
-                if conn.wire.write(&line).await.is_err()
-                    || read_until_quiet(conn, &t).await.is_err()
-                {
-                    self.conn_failed(i)?;
-                }
+        let mut fresh = Vec::new();
+        for atom in items.iter().filter_map(|i| match &i.value {
+            args::Value::Atom(a) => Some(*a),
+            _ => None,
+        }) {
+            let known = self.enabled.iter().any(|e| e.eq_ignore_ascii_case(atom));
+            if !known && self.enabled.len() < MAX_ENABLED {
+                self.enabled.push(atom.to_vec());
+                fresh.push(atom.to_vec());
             }
         }
-        self.enabled.push(args);
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let line = names::join(fresh.iter().map(Vec::as_slice), b' ');
+        for i in 1..self.conns.len() {
+            if self.up(i).is_none() {
+                continue;
+            }
+            if !self.internal(i, b"ENABLE", &line).await? {
+                self.conn_failed(i)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs a command of the gateway's own on conn `i`; its answer is dropped, except the
+    /// selected mailbox's updates, which reach the client. False when the connection failed.
+    async fn internal(&mut self, i: usize, name: &[u8], args: &[u8]) -> Step<bool> {
+        let Some(conn) = self.up(i) else {
+            return Ok(false);
+        };
+        let t = conn.tag();
+        let mut line = format!("{t} ").into_bytes();
+        line.extend_from_slice(name);
+        if !args.is_empty() {
+            line.push(b' ');
+            line.extend_from_slice(args);
+        }
+        line.extend_from_slice(b"\r\n");
+        if conn.wire.write(&line).await.is_err() {
+            return Ok(false);
+        }
+        let Ok((_, untagged)) = self.collect(i, &t).await else {
+            return Ok(false);
+        };
+        self.pass_updates(i, untagged).await?;
+        Ok(true)
+    }
+
+    /// Writes the untagged responses of an internal command that are updates of the selected
+    /// mailbox (those of any other connection are dropped).
+    pub(super) async fn pass_updates(&mut self, i: usize, untagged: Vec<Vec<u8>>) -> Step {
+        if self.selected != Some(i) {
+            return Ok(());
+        }
+        for msg in untagged {
+            let word = args::head(&msg).map(|(_, w, _)| w.to_ascii_uppercase());
+            let update = word.as_deref().is_some_and(|w| {
+                w.first().is_some_and(u8::is_ascii_digit)
+                    || matches!(w, b"FLAGS" | b"VANISHED" | b"OK" | b"NO")
+            });
+            if update {
+                self.client.write(&msg).await.map_err(|_| End::ClientGone)?;
+            }
+        }
         Ok(())
     }
 
     async fn idle(&mut self, tag: &[u8], cmd: &[u8]) -> Step {
+        if self.selection_lost {
+            return self.unavailable(tag).await;
+        }
         let i = self.selected.unwrap_or(0);
         let Some(conn) = self.up(i) else {
             return self.unavailable(tag).await;

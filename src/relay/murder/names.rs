@@ -34,24 +34,27 @@ pub fn join<'a>(levels: impl IntoIterator<Item = &'a [u8]>, delim: u8) -> Vec<u8
 }
 
 /// The mount that holds `name` (a client name) and the levels of `name` below its prefix.
-/// INBOX and everything under it is always the home backend's.
+/// INBOX and everything under it is always the home backend's. The prefix is compared as the
+/// client sees it, so a configured level that holds the home delimiter is two levels here.
 pub fn find_mount<'n>(
     mounts: &[std::sync::Arc<Mount>],
     name: &'n [u8],
     delim: u8,
 ) -> Option<(usize, Vec<&'n [u8]>)> {
-    let levels = levels(name, Some(delim));
-    if levels.first().is_some_and(|l| is_inbox(l)) {
+    if levels(name, Some(delim))
+        .first()
+        .is_some_and(|l| is_inbox(l))
+    {
         return None;
     }
     mounts.iter().enumerate().find_map(|(i, m)| {
-        let k = m.prefix.len();
-        (levels.len() >= k
-            && m.prefix
-                .iter()
-                .zip(&levels)
-                .all(|(p, l)| p.as_bytes() == *l))
-        .then(|| (i, levels[k..].to_vec()))
+        let prefix = client_prefix(m, delim);
+        let rest = name.strip_prefix(prefix.as_slice())?;
+        match rest.split_first() {
+            None => Some((i, Vec::new())),
+            Some((&d, below)) if d == delim => Some((i, levels(below, Some(delim)))),
+            Some(_) => None,
+        }
     })
 }
 
@@ -181,6 +184,14 @@ mod tests {
             Some((1, vec![&b"a"[..]]))
         );
         assert_eq!(find_mount(&mounts, b"INBOX", b'/'), None);
+        // A configured level holding the client's delimiter is two levels for the client.
+        let dotted = [mount(&["a.b"])];
+        assert_eq!(
+            find_mount(&dotted, b"a.b.c", b'.'),
+            Some((0, vec![&b"c"[..]]))
+        );
+        assert_eq!(find_mount(&dotted, b"a.b", b'.'), Some((0, vec![])));
+        assert_eq!(find_mount(&dotted, b"a.bc", b'.'), None);
     }
 
     #[test]

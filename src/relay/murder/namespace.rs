@@ -47,6 +47,7 @@ impl Murder<'_> {
                         .find_map(|m| parse_namespace(m))
                         .unwrap_or_default();
                     answers.push((i, groups));
+                    self.pass_updates(i, untagged).await?;
                 }
                 Err(()) => {
                     if i == 0 {
@@ -88,7 +89,8 @@ impl Murder<'_> {
                 continue;
             };
             let bd = self.up_delim(conn);
-            for (g, prefixes) in theirs.iter().enumerate() {
+            // Their personal namespaces stay theirs: the mount itself stands for them.
+            for (g, prefixes) in theirs.iter().enumerate().skip(1) {
                 for p in prefixes {
                     let stripped = match bd {
                         Some(b) => p.strip_suffix(&[b]).unwrap_or(p),
