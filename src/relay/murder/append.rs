@@ -124,8 +124,7 @@ impl Murder<'_> {
             let kind = match self.next_kind(i, tag, updates).await {
                 Ok(k) => k,
                 Err(()) => {
-                    self.conn_failed(i)?;
-                    self.unavailable(tag).await?;
+                    self.lost(i, tag).await?;
                     return Ok(false);
                 }
             };
@@ -140,8 +139,7 @@ impl Murder<'_> {
                         Err(ForwardError::Sink) => return Err(End::ClientGone),
                         Err(ForwardError::Source) => {
                             // The client got no `+`, so it sends no literal.
-                            self.conn_failed(i)?;
-                            self.unavailable(tag).await?;
+                            self.lost(i, tag).await?;
                             return Ok(false);
                         }
                     }
@@ -157,8 +155,7 @@ impl Murder<'_> {
                         if matches!(e, ForwardError::Sink) {
                             return Err(End::ClientGone);
                         }
-                        self.conn_failed(i)?;
-                        self.unavailable(tag).await?;
+                        self.lost(i, tag).await?;
                         return Ok(false);
                     }
                 }

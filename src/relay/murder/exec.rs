@@ -89,8 +89,7 @@ impl Murder<'_> {
             return Ok(None);
         }
         if conn.wire.write(cmd).await.is_err() {
-            self.conn_failed(i)?;
-            self.unavailable(tag).await?;
+            self.lost(i, tag).await?;
             return Ok(None);
         }
         self.relay_answer(i, tag, updates).await
@@ -107,8 +106,7 @@ impl Murder<'_> {
             let kind = match self.next_kind(i, tag, updates).await {
                 Ok(k) => k,
                 Err(()) => {
-                    self.conn_failed(i)?;
-                    self.unavailable(tag).await?;
+                    self.lost(i, tag).await?;
                     return Ok(None);
                 }
             };
@@ -120,8 +118,7 @@ impl Murder<'_> {
                     let msg = match conn.wire.whole(MAX_REWRITTEN).await {
                         Ok(m) => m,
                         Err(_) => {
-                            self.conn_failed(i)?;
-                            self.unavailable(tag).await?;
+                            self.lost(i, tag).await?;
                             return Ok(None);
                         }
                     };
@@ -138,8 +135,7 @@ impl Murder<'_> {
                         // The tagged answer may follow (LOGOUT); then the server closes.
                         continue;
                     }
-                    self.conn_failed(i)?;
-                    self.unavailable(tag).await?;
+                    self.lost(i, tag).await?;
                     return Ok(None);
                 }
                 Kind::Rewrite => {
@@ -149,8 +145,7 @@ impl Murder<'_> {
                     let msg = match conn.wire.whole(MAX_REWRITTEN).await {
                         Ok(m) => m,
                         Err(_) => {
-                            self.conn_failed(i)?;
-                            self.unavailable(tag).await?;
+                            self.lost(i, tag).await?;
                             return Ok(None);
                         }
                     };
@@ -172,8 +167,7 @@ impl Murder<'_> {
                         Ok(()) => {}
                         Err(ForwardError::Sink) => return Err(End::ClientGone),
                         Err(ForwardError::Source) => {
-                            self.conn_failed(i)?;
-                            self.unavailable(tag).await?;
+                            self.lost(i, tag).await?;
                             return Ok(None);
                         }
                     }

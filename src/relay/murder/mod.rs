@@ -360,6 +360,12 @@ impl Murder<'_> {
             .map_err(|_| End::ClientGone)
     }
 
+    /// Conn `i` failed during the command tagged `tag`: marks it down and tells the client.
+    pub(super) async fn lost(&mut self, i: usize, tag: &[u8]) -> Step {
+        self.conn_failed(i)?;
+        self.unavailable(tag).await
+    }
+
     async fn unavailable(&mut self, tag: &[u8]) -> Step {
         self.reply(
             tag,
@@ -618,8 +624,7 @@ impl Murder<'_> {
             return self.unavailable(tag).await;
         };
         if conn.wire.write(cmd).await.is_err() {
-            self.conn_failed(i)?;
-            return self.unavailable(tag).await;
+            return self.lost(i, tag).await;
         }
         // Until the client says DONE, pass on whatever the backend sends.
         loop {
@@ -630,8 +635,7 @@ impl Murder<'_> {
                     return self.unavailable(tag).await;
                 };
                 if conn.wire.write(&line).await.is_err() {
-                    self.conn_failed(i)?;
-                    return self.unavailable(tag).await;
+                    return self.lost(i, tag).await;
                 }
                 return self.relay_answer(i, tag, Updates::Deliver).await.map(drop);
             }
@@ -654,16 +658,14 @@ impl Murder<'_> {
                         is_bye(head),
                     ),
                     Err(_) => {
-                        self.conn_failed(i)?;
-                        return self.unavailable(tag).await;
+                        return self.lost(i, tag).await;
                     }
                 };
                 if tagged {
                     return self.relay_answer(i, tag, Updates::Deliver).await.map(drop);
                 }
                 if bye && i != 0 {
-                    self.conn_failed(i)?;
-                    return self.unavailable(tag).await;
+                    return self.lost(i, tag).await;
                 }
                 let Murder { client, conns, .. } = self;
                 let Slot::Up(conn) = &mut conns[i].slot else {
@@ -674,8 +676,7 @@ impl Murder<'_> {
                     Ok(()) => continue,
                     Err(ForwardError::Sink) => return Err(End::ClientGone),
                     Err(ForwardError::Source) => {
-                        self.conn_failed(i)?;
-                        return self.unavailable(tag).await;
+                        return self.lost(i, tag).await;
                     }
                 }
             }
@@ -687,8 +688,7 @@ impl Murder<'_> {
                 r = client.fill(READ) => r?,
                 r = conn.wire.fill(READ) => {
                     if r.is_err() {
-                        self.conn_failed(i)?;
-                        return self.unavailable(tag).await;
+                        return self.lost(i, tag).await;
                     }
                 }
             }
