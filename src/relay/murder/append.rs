@@ -145,8 +145,7 @@ impl Murder<'_> {
                     }
                 }
                 Kind::Tagged | Kind::Bye => {
-                    let st = self.relay_answer(i, tag, updates).await?;
-                    let _ = st;
+                    self.relay_answer(i, tag, updates).await?;
                     return Ok(false);
                 }
                 _ => {

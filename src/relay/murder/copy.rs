@@ -33,17 +33,18 @@ enum Failure {
 }
 
 impl Murder<'_> {
-    #[allow(clippy::too_many_arguments)]
+    /// COPY or MOVE (`mv`), or their UID forms (`uid`, where the arguments follow the
+    /// sub-command).
     pub(super) async fn copy(
         &mut self,
         tag: &[u8],
         cmd: &[u8],
         items: &[Item<'_>],
-        idx: usize,
         mv: bool,
         uid: bool,
         literals: bool,
     ) -> Step {
+        let idx = if uid { 2 } else { 1 };
         if self.selection_lost {
             return self.unavailable(tag).await;
         }

@@ -455,16 +455,8 @@ impl Murder<'_> {
                 Ok(())
             }
             CommandName::Copy | CommandName::Move => {
-                self.copy(
-                    &tag,
-                    &cmd,
-                    &items,
-                    1,
-                    name == CommandName::Move,
-                    false,
-                    literals,
-                )
-                .await
+                let mv = name == CommandName::Move;
+                self.copy(&tag, &cmd, &items, mv, false, literals).await
             }
             CommandName::Uid => {
                 let sub = items
@@ -473,7 +465,7 @@ impl Murder<'_> {
                     .unwrap_or(b"");
                 if sub.eq_ignore_ascii_case(b"COPY") || sub.eq_ignore_ascii_case(b"MOVE") {
                     let mv = sub.eq_ignore_ascii_case(b"MOVE");
-                    self.copy(&tag, &cmd, &items, 2, mv, true, literals).await
+                    self.copy(&tag, &cmd, &items, mv, true, literals).await
                 } else {
                     let i = self.selected.unwrap_or(0);
                     self.exec_on_selected(i, &cmd, &tag, literals)
