@@ -1732,3 +1732,51 @@ async fn mounts_on_home_and_two_on_one_server() {
     drop(c);
     gw.stop().await;
 }
+
+/// The selected-state commands on a mounted mailbox: EXAMINE is read-only, and SEARCH,
+/// STORE, CHECK, EXPUNGE, UID EXPUNGE, CLOSE and UNSELECT reach the shared server, as a direct
+/// session there confirms.
+#[tokio::test]
+async fn selected_state_commands_on_a_mount() {
+    let s = setup().await;
+    let mut c = s.client().await;
+    let r = ok(&mut c, "EXAMINE Shared/Team").await;
+    assert!(r.contains("[READ-ONLY]"), "{r}");
+    assert_eq!(select_state(&r).0, 2, "{r}");
+    // Dovecot ignores a STORE in a read-only mailbox (and says so with OK).
+    let r = ok(&mut c, "STORE 1 +FLAGS (\\Deleted)").await;
+    assert!(r.contains("read-only"), "{r}");
+    ok(&mut c, "UNSELECT").await;
+    let mut d = direct(&s.shared).await;
+    ok(&mut d, "EXAMINE Public/Team").await;
+    let r = ok(&mut d, "SEARCH DELETED").await;
+    assert_eq!(untagged(&r), ["* SEARCH"], "{r}");
+    logout(d).await;
+
+    let r = ok(&mut c, "SELECT Shared/Team").await;
+    assert!(r.contains("[READ-WRITE]"), "{r}");
+    append(&mut c, "Shared/Team", "", &message("team 3", "third")).await;
+    let r = ok(&mut c, "SEARCH ALL").await;
+    assert!(untagged(&r).contains(&"* SEARCH 1 2 3".to_owned()), "{r}");
+    let r = ok(&mut c, "SEARCH SUBJECT \"team 2\"").await;
+    assert_eq!(untagged(&r), ["* SEARCH 2"], "{r}");
+    ok(&mut c, "STORE 1 +FLAGS.SILENT (\\Deleted)").await;
+    ok(&mut c, "CHECK").await;
+    let r = ok(&mut c, "EXPUNGE").await;
+    assert_eq!(untagged(&r), ["* 1 EXPUNGE"], "{r}");
+    assert_eq!(direct_messages(&s.shared, "Public/Team").await, 2);
+    ok(&mut c, "UID STORE 3 +FLAGS.SILENT (\\Deleted)").await;
+    // The message appended in this session was its only \Recent one.
+    let r = ok(&mut c, "UID EXPUNGE 3").await;
+    assert_eq!(untagged(&r), ["* 2 EXPUNGE", "* 0 RECENT"], "{r}");
+    ok(&mut c, "STORE 1 +FLAGS.SILENT (\\Deleted)").await;
+    // CLOSE expunges silently.
+    let r = ok(&mut c, "CLOSE").await;
+    assert_eq!(untagged(&r), Vec::<String>::new(), "{r}");
+    assert_eq!(direct_messages(&s.shared, "Public/Team").await, 0);
+    // Nothing is selected any more: the home server says so.
+    let r = c.cmd("FETCH 1 (FLAGS)").await;
+    assert_tagged(&r, "BAD", None, "FETCH with nothing selected");
+    drop(c);
+    s.finish().await;
+}
