@@ -78,11 +78,7 @@ impl Murder<'_> {
         } else {
             replace_args(&head, &[(&items[0], bname)])
         };
-        let updates = if self.selected == Some(i) {
-            Updates::Deliver
-        } else {
-            Updates::Drop
-        };
+        let updates = self.updates_for(i);
         let Some(conn) = self.up(i) else {
             self.reader
                 .skip_rest(&mut self.client, literal.sync)

@@ -5,6 +5,7 @@
 //! from the source (UID EXPUNGE). Until everything is copied the source is untouched; a
 //! failure half-way removes the copies already made on the target and answers NO.
 
+use super::names;
 use super::wire::ForwardError;
 use super::{Conn, End, MAX_REWRITTEN, Murder, Place, Slot, Step, Updates};
 use crate::proto::args::{self, Item, LiteralForm, Value};
@@ -427,12 +428,7 @@ async fn copy_one(
         let mut cmd = format!("{atag} APPEND ").into_bytes();
         args::push_string(&mut cmd, tname, LiteralForm::NonSync);
         cmd.extend_from_slice(b" (");
-        for (k, f) in meta.flags.iter().enumerate() {
-            if k > 0 {
-                cmd.push(b' ');
-            }
-            cmd.extend_from_slice(f);
-        }
+        cmd.extend_from_slice(&names::join(meta.flags.iter().map(Vec::as_slice), b' '));
         cmd.extend_from_slice(b") ");
         args::push_string(&mut cmd, &meta.date, LiteralForm::NonSync);
         cmd.extend_from_slice(format!(" {{{}+}}\r\n", literal.size).as_bytes());

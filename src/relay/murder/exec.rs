@@ -246,37 +246,24 @@ mod tests {
 
     #[test]
     fn classifies_responses() {
-        assert_eq!(
-            classify(b"a1 OK done\r\n", b"a1", true, Updates::Drop),
-            Kind::Tagged
-        );
-        assert_eq!(
-            classify(b"+ go\r\n", b"a1", true, Updates::Drop),
-            Kind::Continuation
-        );
-        assert_eq!(
-            classify(b"* 3 EXISTS\r\n", b"a1", true, Updates::Drop),
-            Kind::Drop
-        );
-        assert_eq!(
-            classify(b"* 3 EXISTS\r\n", b"a1", true, Updates::Deliver),
-            Kind::Pass
-        );
-        assert_eq!(
-            classify(b"* STATUS x (MESSAGES 1)\r\n", b"a1", true, Updates::Drop),
-            Kind::Rewrite
-        );
-        assert_eq!(
-            classify(b"* STATUS x (MESSAGES 1)\r\n", b"a1", false, Updates::Drop),
-            Kind::Pass
-        );
-        assert_eq!(
-            classify(b"* BYE bye\r\n", b"a1", false, Updates::Drop),
-            Kind::Bye
-        );
-        assert_eq!(
-            classify(b"gw1 OK x\r\n", b"a1", false, Updates::Drop),
-            Kind::Drop
-        );
+        use Updates::{Deliver, Drop};
+        let cases: &[(&[u8], bool, Updates, Kind)] = &[
+            (b"a1 OK done\r\n", true, Drop, Kind::Tagged),
+            (b"+ go\r\n", true, Drop, Kind::Continuation),
+            (b"* 3 EXISTS\r\n", true, Drop, Kind::Drop),
+            (b"* 3 EXISTS\r\n", true, Deliver, Kind::Pass),
+            (b"* STATUS x (MESSAGES 1)\r\n", true, Drop, Kind::Rewrite),
+            (b"* STATUS x (MESSAGES 1)\r\n", false, Drop, Kind::Pass),
+            (b"* BYE bye\r\n", false, Drop, Kind::Bye),
+            (b"gw1 OK x\r\n", false, Drop, Kind::Drop),
+        ];
+        for &(head, mounted, updates, kind) in cases {
+            assert_eq!(
+                classify(head, b"a1", mounted, updates),
+                kind,
+                "{}",
+                String::from_utf8_lossy(head)
+            );
+        }
     }
 }

@@ -72,11 +72,7 @@ impl Murder<'_> {
             args::push_string(&mut cmd, reference, LiteralForm::NonSync);
             cmd.extend_from_slice(b" \"\"\r\n");
             let literals = super::needs_literal(&cmd);
-            let updates = if self.selected == Some(0) {
-                super::Updates::Deliver
-            } else {
-                super::Updates::Drop
-            };
+            let updates = self.updates_for(0);
             return self
                 .exec_raw(0, &cmd, tag, literals, updates)
                 .await
@@ -188,7 +184,6 @@ impl Murder<'_> {
         let mut subscribed_elsewhere: Vec<Vec<u8>> = Vec::new();
         let mut children_seen = vec![false; self.mounts.len()];
         let mut whole_asked = vec![false; self.mounts.len()];
-        let mut passthrough: Vec<Vec<u8>> = Vec::new();
         let mut home_failed = None;
         for q in &queries {
             let answers = match self.collect(q.conn, &q.tag).await {
@@ -208,6 +203,11 @@ impl Murder<'_> {
                 }
             };
             let (tagged, untagged) = answers;
+            // Anything but the entries is an update of the selected mailbox, or nothing.
+            let (untagged, others): (Vec<_>, Vec<_>) = untagged
+                .into_iter()
+                .partition(|m| args::head(m).is_some_and(|(_, w, _)| w.eq_ignore_ascii_case(word)));
+            self.pass_updates(q.conn, others).await?;
             let st = parse_status_line(&tagged).map(|s| (s.status, s.text.to_owned()));
             if q.conn == 0 && !matches!(st, Some((Status::Ok, _))) {
                 let (stat, text) = match st {
@@ -231,15 +231,9 @@ impl Murder<'_> {
                 whole_asked[m] = q.whole;
             }
             for msg in untagged {
-                let Some((_, w, off)) = args::head(&msg) else {
+                let Some((_, _, off)) = args::head(&msg) else {
                     continue;
                 };
-                if !w.eq_ignore_ascii_case(word) {
-                    if self.selected == Some(q.conn) {
-                        passthrough.push(msg);
-                    }
-                    continue;
-                }
                 let Some((attrs, bname)) = parse_list_entry(&msg, off) else {
                     continue;
                 };
@@ -274,9 +268,6 @@ impl Murder<'_> {
         }
 
         if let Some((stat, text)) = home_failed {
-            for p in &passthrough {
-                self.client.write(p).await.map_err(|_| End::ClientGone)?;
-            }
             return self.reply(tag, stat, None, &text).await;
         }
 
@@ -355,19 +346,11 @@ impl Murder<'_> {
         }
 
         let mut out = Vec::new();
-        for p in passthrough {
-            out.extend_from_slice(&p);
-        }
         for e in entries.values() {
             out.extend_from_slice(b"* ");
             out.extend_from_slice(word);
             out.extend_from_slice(b" (");
-            for (k, a) in e.attrs.iter().enumerate() {
-                if k > 0 {
-                    out.push(b' ');
-                }
-                out.extend_from_slice(a);
-            }
+            out.extend_from_slice(&names::join(e.attrs.iter().map(Vec::as_slice), b' '));
             out.extend_from_slice(b") ");
             args::push_string(&mut out, &[d], LiteralForm::Server);
             out.push(b' ');

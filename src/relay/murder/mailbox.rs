@@ -322,11 +322,7 @@ impl Murder<'_> {
             replace_args(cmd, &edits)
         };
         let literals = literals || needs_literal(&cmd);
-        let updates = if self.selected == Some(i) {
-            Updates::Deliver
-        } else {
-            Updates::Drop
-        };
+        let updates = self.updates_for(i);
         self.exec_raw(i, &cmd, tag, literals, updates)
             .await
             .map(drop)
@@ -351,11 +347,7 @@ impl Murder<'_> {
         } else {
             replace_args(cmd, &[(&items[0], broot)])
         };
-        let updates = if self.selected == Some(i) {
-            Updates::Deliver
-        } else {
-            Updates::Drop
-        };
+        let updates = self.updates_for(i);
         self.exec_raw(i, &cmd, tag, literals || needs_literal(&cmd), updates)
             .await
             .map(drop)

@@ -360,6 +360,15 @@ impl Murder<'_> {
             .map_err(|_| End::ClientGone)
     }
 
+    /// Whether conn `i`'s mailbox updates reach the client: only the selected mailbox's do.
+    pub(super) fn updates_for(&self, i: usize) -> Updates {
+        if self.selected == Some(i) {
+            Updates::Deliver
+        } else {
+            Updates::Drop
+        }
+    }
+
     /// Conn `i` failed during the command tagged `tag`: marks it down and tells the client.
     pub(super) async fn lost(&mut self, i: usize, tag: &[u8]) -> Step {
         self.conn_failed(i)?;
