@@ -59,39 +59,55 @@ pub(super) struct BackendSlot {
     pub(super) slot: Slot,
 }
 
+/// Most bytes of untagged responses held from one answer to a command of the gateway's own
+/// (a LIST of some 100,000 mailboxes); the rest is read and dropped, and the answer fails.
+const MAX_COLLECTED: usize = 16 << 20;
+
+/// Reads `conn`'s answer to `tag`: the tagged line and the untagged responses before it.
+/// Fails when the connection does, when the server says BYE, or when the answer is too big
+/// to hold (it is still read to its end, so the connection stays usable).
+pub(super) async fn answer(
+    conn: &mut Conn,
+    tag: &str,
+) -> Result<(Vec<u8>, Vec<Vec<u8>>), WireError> {
+    let mut untagged = Vec::new();
+    let mut held = 0usize;
+    loop {
+        let msg = conn.wire.whole(MAX_REWRITTEN).await?;
+        match args::head(&msg) {
+            Some((t, _, _)) if t == tag.as_bytes() && held > MAX_COLLECTED => {
+                return Err(WireError::TooLong(MAX_COLLECTED));
+            }
+            Some((t, _, _)) if t == tag.as_bytes() => return Ok((msg, untagged)),
+            Some((b"*", w, _)) if w.eq_ignore_ascii_case(b"BYE") => return Err(WireError::Closed),
+            Some((b"*", _, _)) if held <= MAX_COLLECTED => {
+                held += msg.len();
+                untagged.push(msg);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Reads `conn`'s answer to `tag` and drops it.
+pub(super) async fn read_until_quiet(conn: &mut Conn, tag: &str) -> Result<(), WireError> {
+    answer(conn, tag).await.map(drop)
+}
+
 /// Asks a freshly logged-in backend for its hierarchy delimiter.
 pub(super) async fn discover_delimiter(conn: &mut Conn) -> Result<Option<u8>, WireError> {
     let tag = conn.tag();
     conn.wire
         .write(format!("{tag} LIST \"\" \"\"\r\n").as_bytes())
         .await?;
-    let mut delim = None;
-    loop {
-        let msg = conn.wire.whole(MAX_REWRITTEN).await?;
-        if let Some((t, word, off)) = args::head(&msg) {
-            if t == tag.as_bytes() {
-                return Ok(delim);
-            }
-            if t == b"*"
-                && word.eq_ignore_ascii_case(b"LIST")
-                && let Ok(items) = args::parse(&msg, off)
-                && let Some(d) = items.get(1).and_then(|i| i.value.as_bytes())
-                && !items[1].value.is_nil()
-            {
-                delim = d.first().copied();
-            }
-        }
-    }
-}
-
-/// Reads a backend's responses up to the one tagged `tag`, dropping them all.
-pub(super) async fn read_until_quiet(conn: &mut Conn, tag: &str) -> Result<(), WireError> {
-    loop {
-        let msg = conn.wire.whole(MAX_REWRITTEN).await?;
-        if args::head(&msg).is_some_and(|(t, _, _)| t == tag.as_bytes()) {
-            return Ok(());
-        }
-    }
+    let (_, untagged) = answer(conn, &tag).await?;
+    Ok(untagged.iter().find_map(|msg| {
+        let (_, word, off) = args::head(msg)?;
+        let items = args::parse(msg, off).ok()?;
+        let d = items.get(1)?;
+        (word.eq_ignore_ascii_case(b"LIST") && !d.value.is_nil())
+            .then(|| d.value.as_bytes()?.first().copied())?
+    }))
 }
 
 impl Murder<'_> {

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use super::names::{self, is_inbox};
-use super::{End, MAX_REWRITTEN, Murder, Slot, Step};
+use super::{End, Murder, Slot, Step};
 use crate::proto::args::{self, Item, LiteralForm, Value};
 use crate::proto::pattern;
 use crate::proto::prescan::CommandName;
@@ -15,10 +15,6 @@ use crate::route::MountTarget;
 /// Longest reference plus pattern. Matching costs pattern length times name length for
 /// every name listed; mailbox names are at most a few hundred bytes.
 const MAX_PATTERN: usize = 1024;
-
-/// Most bytes of one server's answer held for merging (a LIST of some 100,000 mailboxes); the
-/// rest is read and dropped, and the server counts as unavailable for that command.
-const MAX_COLLECTED: usize = 16 << 20;
 
 /// One mailbox of the merged answer.
 struct Entry {
@@ -382,31 +378,14 @@ impl Murder<'_> {
         names::find_mount(&self.mounts, name, self.delim).is_some()
     }
 
-    /// Reads conn `i`'s answer to `tag`: the tagged line and the untagged responses before it.
+    /// Reads conn `i`'s answer to `tag` (see [`super::conn::answer`]).
     pub(super) async fn collect(
         &mut self,
         i: usize,
         tag: &str,
     ) -> Result<(Vec<u8>, Vec<Vec<u8>>), ()> {
-        let Some(conn) = self.up(i) else {
-            return Err(());
-        };
-        let mut untagged = Vec::new();
-        let mut held = 0usize;
-        loop {
-            let msg = conn.wire.whole(MAX_REWRITTEN).await.map_err(drop)?;
-            match args::head(&msg) {
-                // An answer too big to merge counts as a failed one.
-                Some((t, _, _)) if t == tag.as_bytes() && held > MAX_COLLECTED => return Err(()),
-                Some((t, _, _)) if t == tag.as_bytes() => return Ok((msg, untagged)),
-                Some((b"*", w, _)) if w.eq_ignore_ascii_case(b"BYE") => return Err(()),
-                Some((b"*", _, _)) if held <= MAX_COLLECTED => {
-                    held += msg.len();
-                    untagged.push(msg);
-                }
-                _ => {}
-            }
-        }
+        let conn = self.up(i).ok_or(())?;
+        super::conn::answer(conn, tag).await.map_err(drop)
     }
 
     /// Connects the given conns that are not up yet, all at once.
