@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of imap-gateway. Installs what the tests need on a fresh Debian 12 machine
 # (run as root): a real Dovecot (the tests start their own instances), curl and python3
-# (independent IMAP clients used by the tests), openssl (hashes a passdb password).
+# (independent IMAP clients used by the tests), openssl (hashes a passdb password), promtool
+# (from Debian's prometheus package: checks a live /metrics scrape).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,10 +13,12 @@ command -v python3 >/dev/null || missing+=(python3)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v useradd >/dev/null || missing+=(passwd)
 [ -x /usr/bin/kill ] || [ -x /bin/kill ] || missing+=(procps)
+command -v promtool >/dev/null || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  # No recommends: only promtool is wanted of prometheus, not its exporters.
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 if cargo nextest --version >/dev/null 2>&1; then

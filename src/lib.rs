@@ -4,14 +4,18 @@
 //! Dependencies point one way: `net` -> `session` -> `preauth`, `route`, `backend`, `relay`
 //! -> `proto`. `proto` and `route` do no I/O.
 
+pub mod admin;
 pub mod backend;
 pub mod config;
+pub mod metrics;
 pub mod net;
 pub mod preauth;
 pub mod proto;
 pub mod relay;
+pub mod reload;
 pub mod route;
 pub mod session;
+pub mod shutdown;
 pub mod stream;
 pub mod tls;
 pub mod wire;
@@ -24,7 +28,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{BackendAuthMode, Config};
-use crate::route::RoutingTable;
+use prometheus::Registry;
+
+use crate::metrics::Metrics;
+use crate::route::Routes;
 use crate::session::Shared;
 
 #[derive(Debug, Error)]
@@ -39,22 +46,47 @@ pub enum GatewayError {
     PassDb(#[from] backend::passdb::PassDbError),
     #[error("master password: {0}")]
     MasterPassword(std::io::Error),
+    #[error("admin token: {0}")]
+    AdminToken(std::io::Error),
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
+    #[error("admin server: cannot bind {address}: {source}")]
+    AdminBind {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// A gateway with its listeners bound, ready to serve.
 pub struct Gateway {
     shared: Arc<Shared>,
     listeners: Vec<net::Listener>,
+    admin: Option<tokio::net::TcpListener>,
+}
+
+/// Seconds since the Unix epoch, for timestamp gauges.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 impl Gateway {
     /// Validates the configuration, loads the routing table and binds every listener.
     pub async fn bind(config: Config) -> Result<Self, GatewayError> {
+        Self::bind_with_registry(config, Registry::new()).await
+    }
+
+    /// As `bind`, with the metrics registered on `registry`.
+    pub async fn bind_with_registry(
+        config: Config,
+        registry: Registry,
+    ) -> Result<Self, GatewayError> {
         let problems = config.problems();
         if !problems.is_empty() {
             return Err(config::ConfigError::Invalid(problems).into());
         }
-        let routes = RoutingTable::load(&config.routing_table)?;
+        let routes = Routes::load(&config.routing_table)?;
         let passdb = match (&config.backend_auth.mode, &config.backend_auth.passdb) {
             (BackendAuthMode::Master, Some(p)) => Some(Arc::new(backend::passdb::PassDb::load(p)?)),
             _ => None,
@@ -62,13 +94,36 @@ impl Gateway {
         let master_password = config
             .master_password()
             .map_err(GatewayError::MasterPassword)?;
+        let admin_token = config.admin_token().map_err(GatewayError::AdminToken)?;
+        let metrics = Metrics::new(&registry)?;
+        let admin = if config.admin.enabled {
+            let address = config.admin.address;
+            Some(
+                tokio::net::TcpListener::bind(address)
+                    .await
+                    .map_err(|source| GatewayError::AdminBind { address, source })?,
+            )
+        } else {
+            None
+        };
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {
-            listeners.push(net::Listener::bind(l).await?);
+            listeners.push(net::Listener::bind(l, &metrics).await?);
         }
+        metrics.routing_generation.set(1);
+        metrics.routing_last_reload.set(unix_now());
         Ok(Self {
-            shared: Arc::new(Shared::new(config, routes, passdb, master_password)),
+            shared: Arc::new(Shared::new(
+                config,
+                routes,
+                passdb,
+                master_password,
+                admin_token,
+                registry,
+                metrics,
+            )),
             listeners,
+            admin,
         })
     }
 
@@ -80,19 +135,59 @@ impl Gateway {
             .collect()
     }
 
-    /// Serves until `shutdown` is cancelled, then waits for open sessions to end, at most
-    /// `timeouts.shutdown_grace`; sessions still open then are dropped with the process.
+    /// The admin HTTP server's bound address, when it is enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|a| a.local_addr().ok())
+    }
+
+    /// What the sessions share (the routing table, metrics, lifecycle), for the binary's
+    /// signal handling and for tests.
+    pub fn shared(&self) -> Arc<Shared> {
+        Arc::clone(&self.shared)
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains: readiness turns false, the
+    /// listeners stop accepting, every session is asked to stop at its next safe point (BYE),
+    /// and sessions still open after `timeouts.shutdown_grace` are closed. The admin server
+    /// answers until the end, so `/readyz` is seen turning false.
     pub async fn serve(self, shutdown: CancellationToken) {
-        let grace = self.shared.config.timeouts.shutdown_grace;
+        let shared = self.shared;
+        let grace = shared.config.timeouts.shutdown_grace;
         let tracker = TaskTracker::new();
+        // Stops the admin server and the watchers once every session is gone.
+        let finished = CancellationToken::new();
+        let mut helpers = Vec::new();
+        if let Some(admin) = self.admin {
+            helpers.push(tokio::spawn(admin::serve(
+                admin,
+                Arc::clone(&shared),
+                finished.clone(),
+            )));
+        }
+        let tls = self
+            .listeners
+            .iter()
+            .filter_map(net::Listener::certificate)
+            .collect();
+        helpers.push(tokio::spawn(reload::run(
+            Arc::clone(&shared),
+            tls,
+            finished.clone(),
+        )));
         let mut accept_loops = Vec::new();
         for l in self.listeners {
             accept_loops.push(tokio::spawn(l.serve(
-                Arc::clone(&self.shared),
+                Arc::clone(&shared),
                 tracker.clone(),
                 shutdown.clone(),
             )));
         }
+        shared.lifecycle.set_ready();
+        shutdown.cancelled().await;
+        shared.lifecycle.drain();
+        shared.metrics.draining.set(1);
+        let open = shared.lifecycle.sessions();
+        tracing::info!(sessions = open, "draining");
         for handle in accept_loops {
             let _ = handle.await;
         }
@@ -102,6 +197,12 @@ impl Gateway {
                 sessions = tracker.len(),
                 "shutdown grace period over; closing remaining sessions"
             );
+            shared.lifecycle.force();
+            tracker.wait().await;
+        }
+        finished.cancel();
+        for h in helpers {
+            let _ = h.await;
         }
     }
 }

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use arc_swap::ArcSwap;
+use prometheus::Registry;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, warn};
@@ -14,19 +14,29 @@ use zeroize::Zeroizing;
 use crate::backend::passdb::PassDb;
 use crate::backend::{self, BackendCredentials, BackendError, ClientInfo};
 use crate::config::{BackendAuthMode, Config};
+use crate::metrics::{Metrics, SessionEnd};
+use crate::net::ActiveGuard;
 use crate::preauth::{ListenerCtx, LoginAttempt, Preauth};
 use crate::proto::capability;
 use crate::proto::response::status;
-use crate::relay::{self, RelayOptions, murder};
-use crate::route::{Backend, Route, RoutingTable};
+use crate::relay::{self, RelayContext, RelayOptions, murder};
+use crate::route::{Backend, Route, Routes};
+use crate::shutdown::Lifecycle;
 use crate::stream::Stream;
 
-/// What every session shares: configuration, the current routing table, credentials.
+/// What every session shares: configuration, the current routing table, credentials,
+/// metrics and the lifecycle (drain, kick).
 pub struct Shared {
     pub config: Config,
-    pub routes: ArcSwap<RoutingTable>,
+    pub routes: Routes,
     pub passdb: Option<Arc<PassDb>>,
     pub master_password: Option<Zeroizing<String>>,
+    pub metrics: Metrics,
+    /// The registry `metrics` is registered on; `/metrics` encodes it.
+    pub registry: Registry,
+    pub lifecycle: Arc<Lifecycle>,
+    /// Bearer token for the admin endpoints.
+    pub admin_token: Option<Zeroizing<String>>,
     next_session: AtomicU64,
     /// Distinguishes this process's session ids from other replicas'.
     nonce: u32,
@@ -35,18 +45,25 @@ pub struct Shared {
 impl Shared {
     pub fn new(
         config: Config,
-        routes: RoutingTable,
+        routes: Routes,
         passdb: Option<Arc<PassDb>>,
         master_password: Option<String>,
+        admin_token: Option<String>,
+        registry: Registry,
+        metrics: Metrics,
     ) -> Self {
         let nonce = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos() ^ (d.as_secs() as u32));
         Self {
             config,
-            routes: ArcSwap::from_pointee(routes),
+            routes,
             passdb,
             master_password: master_password.map(Zeroizing::new),
+            metrics,
+            registry,
+            lifecycle: Arc::new(Lifecycle::default()),
+            admin_token: admin_token.map(Zeroizing::new),
             next_session: AtomicU64::new(1),
             nonce: nonce ^ std::process::id(),
         }
@@ -82,8 +99,16 @@ pub async fn run(
         local,
         session_id,
     };
+    let registration = shared.lifecycle.register();
     async move {
-        let mut preauth = Preauth::new(stream, listener, shared.config.limits.clone(), deadline);
+        let stop = registration.stop().clone();
+        let mut preauth = Preauth::new(
+            stream,
+            listener,
+            shared.config.limits.clone(),
+            deadline,
+            stop.clone(),
+        );
         if preauth.greet().await.is_err() {
             return;
         }
@@ -95,7 +120,21 @@ pub async fn run(
                     return;
                 }
             };
-            match login(&shared, &attempt, &client).await {
+            let started = std::time::Instant::now();
+            let result = login(&shared, &attempt, &client).await;
+            let outcome = match &result {
+                Ok(_) => "ok",
+                Err(LoginFailure::BadCredentials) => "bad_credentials",
+                Err(LoginFailure::Unavailable) => "unavailable",
+            };
+            let m = &shared.metrics;
+            m.logins
+                .with_label_values(&[attempt.mechanism, outcome])
+                .inc();
+            m.login_duration
+                .with_label_values(&[outcome])
+                .observe(started.elapsed().as_secs_f64());
+            match result {
                 Ok((route, session)) => break (attempt, route, session),
                 Err(failure) => {
                     let (code, text) = match failure {
@@ -115,6 +154,13 @@ pub async fn run(
             }
         };
         tracing::Span::current().record("backend", route.home.name.as_str());
+        registration.set_user(&attempt.user);
+        let _active = ActiveGuard::new(
+            shared
+                .metrics
+                .sessions_active
+                .with_label_values(&[route.home.name.as_str()]),
+        );
         let caps = if route.mounts.is_empty() {
             capability::post_login(&session.capabilities)
         } else {
@@ -145,17 +191,23 @@ pub async fn run(
             backend_logout: shared.config.timeouts.backend_logout,
             rewrite_referrals: !capability::has(&session.capabilities, "MAILBOX-REFERRALS"),
         };
-        let end = if route.mounts.is_empty() {
-            drop(attempt);
-            relay::run(
-                client_stream,
-                client_ahead,
-                session.stream,
-                session.leftover,
-                &opts,
-            )
-            .await
-        } else {
+        let ctx = RelayContext {
+            stop: stop.clone(),
+            counters: shared.metrics.relay.clone(),
+        };
+        let relay = async {
+            if route.mounts.is_empty() {
+                drop(attempt);
+                return relay::run(
+                    client_stream,
+                    client_ahead,
+                    session.stream,
+                    session.leftover,
+                    &opts,
+                    &ctx,
+                )
+                .await;
+            }
             // Mounted backends are logged into later, with the same credentials.
             let connector = MountConnector {
                 shared: Arc::clone(&shared),
@@ -172,15 +224,21 @@ pub async fn run(
             murder::run(
                 client_stream,
                 client_ahead,
-                Arc::clone(&route.home),
+                route.clone(),
                 home,
-                route.mounts.clone(),
                 &connector,
                 &opts,
+                &ctx,
             )
             .await
         };
-        info!(end = ?end, "session ended");
+        // A session that finds no safe point in time is dropped, sockets and all.
+        let end = tokio::select! {
+            end = relay => SessionEnd::from(&end),
+            _ = stop.forced() => SessionEnd::Forced,
+        };
+        shared.metrics.session_ended(end);
+        info!(end = end.label(), "session ended");
     }
     .instrument(span)
     .await;
@@ -199,7 +257,7 @@ async fn login(
     client: &ClientInfo,
 ) -> Result<(Route, backend::BackendSession), LoginFailure> {
     tracing::Span::current().record("user", attempt.user.as_str());
-    let Some(route) = shared.routes.load().lookup(&attempt.user) else {
+    let Some(route) = shared.routes.table().lookup(&attempt.user) else {
         // An unknown user gets the same answer as a wrong password: no user enumeration.
         info!("no route for user");
         return Err(LoginFailure::BadCredentials);

@@ -1,8 +1,12 @@
 //! TLS configuration for both sides: server configs for the listeners (certificate and key
 //! from PEM files) and client configs for backends (a configured CA or the system roots).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -41,14 +45,61 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
     Ok(certs)
 }
 
-/// A server config for a listener, from a PEM certificate chain and a PEM private key.
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+/// Reads a certificate chain and its private key, and checks that they belong together.
+fn load_certified_key(cert: &Path, key_path: &Path) -> Result<CertifiedKey, TlsError> {
     let certs = load_certs(cert)?;
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| file_error(key, e))?;
+    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| file_error(key_path, e))?;
+    let certified = CertifiedKey::from_der(certs, key, &provider())?;
+    Ok(certified)
+}
+
+/// A listener's certificate and key, replaceable while connections use the old ones: each
+/// handshake takes the pair current at that moment.
+#[derive(Debug)]
+pub struct ReloadableCert {
+    /// The listener's name, for logs and metrics.
+    pub listener: String,
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    current: ArcSwap<CertifiedKey>,
+}
+
+impl ReloadableCert {
+    pub fn load(listener: &str, cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        Ok(Self {
+            listener: listener.to_owned(),
+            cert_path: cert.to_owned(),
+            key_path: key.to_owned(),
+            current: ArcSwap::from_pointee(load_certified_key(cert, key)?),
+        })
+    }
+
+    /// Reads both files again; on any error (a half-written file, a key that does not
+    /// match) the pair in use stays.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let fresh = load_certified_key(&self.cert_path, &self.key_path)?;
+        self.current.store(Arc::new(fresh));
+        Ok(())
+    }
+
+    /// The leaf certificate in use (DER), to tell whether a reload changed anything.
+    pub fn leaf(&self) -> Option<CertificateDer<'static>> {
+        self.current.load().cert.first().cloned()
+    }
+}
+
+impl ResolvesServerCert for ReloadableCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+/// A server config for a listener whose certificate comes from `cert`.
+pub fn server_config(cert: Arc<ReloadableCert>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+        .with_cert_resolver(cert);
     Ok(Arc::new(config))
 }
 

@@ -5,7 +5,9 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use imap_gateway::relay::{self, RelayOptions};
+use imap_gateway::metrics::Metrics;
+use imap_gateway::relay::{self, RelayContext, RelayOptions};
+use imap_gateway::shutdown::Stop;
 use imap_gateway::stream::Stream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -73,6 +75,12 @@ async fn no_allocation_per_relayed_chunk() {
         backend_logout: Duration::from_secs(1),
         rewrite_referrals: true,
     };
+    // Metrics and the stop signal are on the hot path too: counting must not allocate.
+    let metrics = Metrics::new(&prometheus::Registry::new()).unwrap();
+    let ctx = RelayContext {
+        stop: Stop::never(),
+        counters: metrics.relay.clone(),
+    };
     let relay = tokio::spawn(async move {
         relay::run(
             Stream::Plain(gw_client),
@@ -80,6 +88,7 @@ async fn no_allocation_per_relayed_chunk() {
             Stream::Plain(gw_backend),
             Vec::new(),
             &opts,
+            &ctx,
         )
         .await
     });

@@ -52,7 +52,7 @@ fn write_config(dir: &Path, name: &str, routing_table: &str) -> String {
     std::fs::write(
         &path,
         format!(
-            "routing_table = \"{routing_table}\"\n\
+            "routing_table = \"{routing_table}\"\n[admin]\naddress = \"127.0.0.1:0\"\n\
              [[listeners]]\nname = \"plain\"\naddress = \"127.0.0.1:0\"\n\
              allow_plaintext_auth = true\n"
         ),

@@ -68,6 +68,7 @@ async fn gateway_process(routing: &str) -> (GatewayProcess, SocketAddr, tempfile
     writeln!(
         f,
         "routing_table = \"routing.toml\"\n[log]\nlevel = \"warn\"\n\
+         [admin]\naddress = \"127.0.0.1:0\"\n\
          [[listeners]]\nname = \"plain\"\naddress = \"127.0.0.1:{port}\"\nallow_plaintext_auth = true"
     )
     .unwrap();

@@ -23,6 +23,8 @@ const SECTIONS: &[&str] = &[
     "timeouts",
     "backend_auth",
     "log",
+    "admin",
+    "reload",
 ];
 
 #[derive(Debug, Error)]
@@ -43,6 +45,8 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub backend_auth: BackendAuth,
     pub log: LogConfig,
+    pub admin: AdminConfig,
+    pub reload: ReloadConfig,
 }
 
 impl Default for Config {
@@ -54,6 +58,8 @@ impl Default for Config {
             timeouts: Timeouts::default(),
             backend_auth: BackendAuth::default(),
             log: LogConfig::default(),
+            admin: AdminConfig::default(),
+            reload: ReloadConfig::default(),
         }
     }
 }
@@ -210,6 +216,63 @@ impl Default for BackendAuth {
     }
 }
 
+/// The admin HTTP server: metrics, health, readiness and the admin endpoints.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Where the admin server listens; off the IMAP ports. `enabled = false` turns it off.
+    pub address: SocketAddr,
+    pub enabled: bool,
+    /// Bearer token for `/admin/*`. Without one, `/admin/*` answers only when `address` is a
+    /// loopback address; `/metrics`, `/healthz` and `/readyz` never need it.
+    pub token: Option<String>,
+    /// Read the token from this file instead (a Kubernetes Secret mount).
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            address: SocketAddr::from(([127, 0, 0, 1], 9143)),
+            enabled: true,
+            token: None,
+            token_file: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("address", &self.address)
+            .field("enabled", &self.enabled)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
+            .finish()
+    }
+}
+
+/// Live reloading of the routing table and listener certificates.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReloadConfig {
+    /// Reload the routing table and certificates when their files change.
+    pub watch: bool,
+    /// Changes closer together than this are taken as one: an editor's or Kubernetes'
+    /// several writes, renames and symlink swaps make one reload, of the finished file.
+    #[serde(with = "humantime_serde")]
+    pub debounce: Duration,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        Self {
+            watch: true,
+            debounce: Duration::from_millis(200),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -274,6 +337,7 @@ impl Config {
         }
         self.backend_auth.master_password_file.as_mut().map(fix);
         self.backend_auth.passdb.as_mut().map(fix);
+        self.admin.token_file.as_mut().map(fix);
     }
 
     /// Every problem of the configuration, not just the first.
@@ -360,10 +424,44 @@ impl Config {
                 }
             }
         }
+        let admin = &self.admin;
+        if admin.enabled {
+            if admin.address.port() != 0
+                && self.listeners.iter().any(|l| l.address == admin.address)
+            {
+                out.push(format!(
+                    "admin.address {} is also an IMAP listener's address",
+                    admin.address
+                ));
+            }
+            match (&admin.token, &admin.token_file) {
+                (Some(_), Some(_)) => out.push("admin: give token or token_file, not both".into()),
+                (Some(t), None) if t.is_empty() => out.push("admin.token is empty".into()),
+                (None, Some(p)) => match std::fs::read_to_string(p) {
+                    Ok(t) if t.trim().is_empty() => {
+                        out.push(format!("admin.token_file {} is empty", p.display()))
+                    }
+                    Ok(_) => {}
+                    Err(e) => out.push(format!("admin.token_file {}: {e}", p.display())),
+                },
+                _ => {}
+            }
+        }
         if let Err(e) = self.log.level.parse::<tracing_subscriber::EnvFilter>() {
             out.push(format!("log.level {:?}: {e}", self.log.level));
         }
         out
+    }
+
+    /// The admin bearer token, read from the file when configured that way.
+    pub fn admin_token(&self) -> std::io::Result<Option<String>> {
+        if let Some(t) = &self.admin.token {
+            return Ok(Some(t.clone()));
+        }
+        match &self.admin.token_file {
+            Some(f) => Ok(Some(std::fs::read_to_string(f)?.trim().to_owned())),
+            None => Ok(None),
+        }
     }
 
     /// The master password, read from the file when configured that way.

@@ -13,9 +13,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::config::{ListenerConfig, ListenerMode};
+use crate::metrics::{Metrics, TlsResult};
 use crate::preauth::ListenerCtx;
 use crate::session::{self, Shared};
 use crate::stream::Stream;
+use crate::tls::ReloadableCert;
 
 #[derive(Debug, Error)]
 pub enum NetError {
@@ -35,20 +37,28 @@ pub enum NetError {
 /// A bound listener.
 pub struct Listener {
     ctx: Arc<ListenerCtx>,
+    cert: Option<Arc<ReloadableCert>>,
     implicit_tls: bool,
     socket: TcpListener,
 }
 
 impl Listener {
-    pub async fn bind(config: &ListenerConfig) -> Result<Self, NetError> {
-        let tls = match (&config.tls_cert, &config.tls_key) {
-            (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(
-                crate::tls::server_config(cert, key).map_err(|source| NetError::Tls {
-                    name: config.name.clone(),
-                    source,
-                })?,
+    pub async fn bind(config: &ListenerConfig, metrics: &Metrics) -> Result<Self, NetError> {
+        let tls_error = |source| NetError::Tls {
+            name: config.name.clone(),
+            source,
+        };
+        let cert = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(
+                ReloadableCert::load(&config.name, cert, key).map_err(tls_error)?,
             )),
             _ => None,
+        };
+        let tls = match &cert {
+            Some(c) => Some(tokio_rustls::TlsAcceptor::from(
+                crate::tls::server_config(Arc::clone(c)).map_err(tls_error)?,
+            )),
+            None => None,
         };
         let socket = TcpListener::bind(config.address)
             .await
@@ -62,14 +72,21 @@ impl Listener {
                 name: config.name.clone(),
                 tls,
                 allow_plaintext_auth: config.allow_plaintext_auth,
+                metrics: metrics.listener(&config.name),
             }),
             implicit_tls: config.mode == ListenerMode::Tls,
+            cert,
             socket,
         })
     }
 
     pub fn name(&self) -> &str {
         &self.ctx.name
+    }
+
+    /// The listener's certificate, for reloading when its files change.
+    pub fn certificate(&self) -> Option<Arc<ReloadableCert>> {
+        self.cert.clone()
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -99,23 +116,33 @@ impl Listener {
                 }
             };
             let _ = tcp.set_nodelay(true);
+            let counters = &self.ctx.metrics;
+            counters.accepted.inc();
+            let active = ActiveGuard::new(counters.active.clone());
             let local = tcp.local_addr().unwrap_or(peer);
             let deadline = Instant::now() + shared.config.timeouts.preauth;
             let ctx = Arc::clone(&self.ctx);
             let shared = Arc::clone(&shared);
             let implicit_tls = self.implicit_tls;
             tracker.spawn(async move {
+                let _active = active;
+                let counters = &ctx.metrics;
                 let stream = if implicit_tls {
                     let Some(acceptor) = ctx.tls.clone() else {
                         return;
                     };
                     match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => Stream::Tls(Box::new(tls.into())),
+                        Ok(Ok(tls)) => {
+                            counters.tls(false, TlsResult::Ok);
+                            Stream::Tls(Box::new(tls.into()))
+                        }
                         Ok(Err(e)) => {
+                            counters.tls(false, TlsResult::Failed);
                             debug!(%peer, error = %e, "TLS handshake failed");
                             return;
                         }
                         Err(_) => {
+                            counters.tls(false, TlsResult::Timeout);
                             debug!(%peer, "TLS handshake timed out");
                             return;
                         }
@@ -126,5 +153,21 @@ impl Listener {
                 session::run(shared, ctx, stream, peer, local, deadline).await;
             });
         }
+    }
+}
+
+/// Holds a gauge up for as long as it lives (a connection, a session).
+pub struct ActiveGuard(prometheus::IntGauge);
+
+impl ActiveGuard {
+    pub fn new(gauge: prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

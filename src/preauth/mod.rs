@@ -11,11 +11,13 @@ use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 use crate::config::Limits;
+use crate::metrics::{ListenerCounters, TlsResult};
 use crate::proto::capability;
 use crate::proto::command::{DecodeFailure, Mechanism, PreauthCommand, decode_preauth};
 use crate::proto::framer::FrameError;
 use crate::proto::prescan::{self, CommandName};
 use crate::proto::response::status;
+use crate::shutdown::Stop;
 use crate::stream::Stream;
 use crate::wire::{Event, MessageBuf, ReadError};
 
@@ -25,6 +27,7 @@ pub struct ListenerCtx {
     /// Present when the listener can do TLS (implicit, or STARTTLS on a plain listener).
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub allow_plaintext_auth: bool,
+    pub metrics: ListenerCounters,
 }
 
 /// A client's login request, for the session to check against a backend.
@@ -54,6 +57,8 @@ pub enum PreauthEnd {
     TooManyAuthFailures,
     TooBig,
     TlsFailed,
+    /// The gateway is shutting down; the client got BYE.
+    Shutdown,
 }
 
 impl PreauthEnd {
@@ -66,6 +71,7 @@ impl PreauthEnd {
             PreauthEnd::TooManyAuthFailures => "auth_failures",
             PreauthEnd::TooBig => "too_big",
             PreauthEnd::TlsFailed => "tls_failed",
+            PreauthEnd::Shutdown => "shutdown",
         }
     }
 }
@@ -79,6 +85,7 @@ pub struct Preauth {
     deadline: Instant,
     bad_commands: u32,
     auth_failures: u32,
+    stop: Stop,
 }
 
 impl Preauth {
@@ -87,6 +94,7 @@ impl Preauth {
         listener: Arc<ListenerCtx>,
         limits: Limits,
         deadline: Instant,
+        stop: Stop,
     ) -> Self {
         let buf = MessageBuf::from_client(limits.max_preauth_line, limits.max_preauth_literal);
         Self {
@@ -97,6 +105,7 @@ impl Preauth {
             deadline,
             bad_commands: 0,
             auth_failures: 0,
+            stop,
         }
     }
 
@@ -174,7 +183,15 @@ impl Preauth {
     async fn read_command(&mut self) -> Result<Vec<u8>, PreauthEnd> {
         loop {
             let stream = self.stream.as_mut().ok_or(PreauthEnd::Closed)?;
-            let next = tokio::time::timeout_at(self.deadline, self.buf.next(stream)).await;
+            // Waiting for a command is this dialogue's only safe point: a shutdown ends it
+            // here, never in the middle of a login or a TLS handshake.
+            let next = tokio::select! {
+                next = tokio::time::timeout_at(self.deadline, self.buf.next(stream)) => next,
+                _ = self.stop.requested() => {
+                    let text = "Server shutting down, please reconnect.";
+                    return Err(self.bye(Some("UNAVAILABLE"), text, PreauthEnd::Shutdown).await);
+                }
+            };
             match next {
                 Err(_) => {
                     return Err(self
@@ -351,13 +368,21 @@ impl Preauth {
             return Err(PreauthEnd::Closed);
         };
         let handshake = tokio::time::timeout_at(self.deadline, acceptor.accept(tcp)).await;
+        let counters = &self.listener.metrics;
         match handshake {
             Ok(Ok(tls)) => {
+                counters.tls(true, TlsResult::Ok);
                 self.stream = Some(Stream::Tls(Box::new(tls.into())));
                 Ok(())
             }
-            Ok(Err(_)) => Err(PreauthEnd::TlsFailed),
-            Err(_) => Err(PreauthEnd::Timeout),
+            Ok(Err(_)) => {
+                counters.tls(true, TlsResult::Failed);
+                Err(PreauthEnd::TlsFailed)
+            }
+            Err(_) => {
+                counters.tls(true, TlsResult::Timeout);
+                Err(PreauthEnd::Timeout)
+            }
         }
     }
 

@@ -48,6 +48,48 @@ pub enum CommandName {
 }
 
 impl CommandName {
+    /// Every command name, in declaration order (`name as usize` indexes it).
+    pub const ALL: [CommandName; 38] = [
+        CommandName::Capability,
+        CommandName::Noop,
+        CommandName::Logout,
+        CommandName::StartTls,
+        CommandName::Authenticate,
+        CommandName::Login,
+        CommandName::Id,
+        CommandName::Enable,
+        CommandName::Select,
+        CommandName::Examine,
+        CommandName::Create,
+        CommandName::Delete,
+        CommandName::Rename,
+        CommandName::Subscribe,
+        CommandName::Unsubscribe,
+        CommandName::List,
+        CommandName::Lsub,
+        CommandName::Rlist,
+        CommandName::Rlsub,
+        CommandName::Namespace,
+        CommandName::Status,
+        CommandName::Append,
+        CommandName::Check,
+        CommandName::Close,
+        CommandName::Unselect,
+        CommandName::Expunge,
+        CommandName::Search,
+        CommandName::Fetch,
+        CommandName::Store,
+        CommandName::Copy,
+        CommandName::Move,
+        CommandName::Uid,
+        CommandName::Idle,
+        CommandName::Compress,
+        CommandName::GetQuota,
+        CommandName::SetQuota,
+        CommandName::GetQuotaRoot,
+        CommandName::Other,
+    ];
+
     /// Case-insensitive lookup of a command name.
     pub fn parse(name: &[u8]) -> Self {
         const NAMES: &[(&str, CommandName)] = &[
@@ -203,6 +245,14 @@ mod tests {
             prescan(b"x UID FETCH 1 FLAGS").unwrap().name,
             CommandName::Uid
         );
+    }
+
+    #[test]
+    fn all_is_in_declaration_order() {
+        for (i, c) in CommandName::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+        }
+        assert_eq!(CommandName::ALL.last(), Some(&CommandName::Other));
     }
 
     #[test]

@@ -7,16 +7,18 @@
 mod gate;
 pub mod murder;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
+use crate::metrics::RelayCounters;
 use crate::proto::framer::{FrameError, Framer, HEAD_LEN, Piece};
-use crate::proto::prescan::{CommandName, prescan, tag_of};
+use crate::proto::prescan::{CommandName, Prescan, prescan, tag_of};
 use crate::proto::response;
+use crate::shutdown::{Stop, StopReason};
 use crate::stream::Stream;
 
 /// Read buffer per direction. 16 KiB matches a TLS record, so one read is one record.
@@ -56,6 +58,45 @@ pub enum RelayEnd {
     ClientGone,
     /// A side broke the protocol's framing limits; both were closed.
     Error(RelayError),
+    /// The session was asked to stop (shutdown or kick) and ended at a safe point with BYE.
+    Stopped(StopReason),
+}
+
+/// What a relay needs from the rest of the gateway besides its streams.
+#[derive(Clone)]
+pub struct RelayContext {
+    pub stop: Stop,
+    pub counters: RelayCounters,
+}
+
+/// What the two directions of a relay share. Where they stand is tracked for finding a safe
+/// point to stop at: no command half-sent, every command answered (or the one outstanding is
+/// an IDLE the backend accepted), and no response half-forwarded.
+#[derive(Default)]
+struct Progress {
+    gate: gate::LiteralGate,
+    /// Whether the backend stands between two of the client's commands. Only the
+    /// client-to-backend side knows; it decides whether a LOGOUT may be sent for a client
+    /// that went away, whichever side noticed: a LOGOUT inside an APPEND literal would
+    /// become part of the message.
+    at_boundary: AtomicBool,
+    /// Commands sent to the backend (the gateway's own answers excluded).
+    sent: AtomicU64,
+    /// Tagged responses the backend sent.
+    answered: AtomicU64,
+    /// The last command sent is an IDLE not yet ended by DONE.
+    idle: AtomicBool,
+    /// The client-to-backend side stopped at a command boundary because a stop was asked.
+    parked: AtomicBool,
+    parked_notify: Notify,
+}
+
+impl Progress {
+    fn outstanding(&self) -> u64 {
+        self.sent
+            .load(Ordering::Acquire)
+            .saturating_sub(self.answered.load(Ordering::Acquire))
+    }
 }
 
 /// Relays between a logged-in client and its backend until one side ends.
@@ -67,16 +108,15 @@ pub async fn run(
     backend: Stream,
     backend_ahead: Vec<u8>,
     opts: &RelayOptions,
+    ctx: &RelayContext,
 ) -> RelayEnd {
     let (mut client_r, mut client_w) = tokio::io::split(client);
     let (mut backend_r, mut backend_w) = tokio::io::split(backend);
     let (inject_tx, inject_rx) = mpsc::channel(INJECT_QUEUE);
-    let gate = gate::LiteralGate::default();
-    // Whether the backend stands between two of the client's commands. Only the
-    // client-to-backend side knows; it decides whether a LOGOUT may be sent for a client
-    // that went away, whichever side noticed: a LOGOUT inside an APPEND literal would
-    // become part of the message.
-    let commands_at_boundary = AtomicBool::new(true);
+    let progress = Progress {
+        at_boundary: AtomicBool::new(true),
+        ..Progress::default()
+    };
 
     let outcome = {
         let up = upstream(
@@ -84,17 +124,18 @@ pub async fn run(
             &mut backend_w,
             client_ahead,
             inject_tx,
-            &gate,
-            &commands_at_boundary,
+            &progress,
             opts,
+            ctx,
         );
         let down = downstream(
             &mut backend_r,
             &mut client_w,
             backend_ahead,
             inject_rx,
-            &gate,
+            &progress,
             opts,
+            ctx,
         );
         tokio::select! {
             u = up => Outcome::Up(u),
@@ -103,11 +144,21 @@ pub async fn run(
     };
 
     match outcome {
+        Outcome::Down(DownEnd::Stopped { idle }) => {
+            if idle {
+                // Ends the IDLE so that the backend takes the LOGOUT as a command.
+                let _ = backend_w.write_all(b"DONE\r\n").await;
+            }
+            logout_backend(&mut backend_r, &mut backend_w, true, opts.backend_logout).await;
+            let reason = ctx.stop.reason();
+            close_client(&mut client_w, Some(reason.bye())).await;
+            RelayEnd::Stopped(reason)
+        }
         Outcome::Up(UpEnd::ClientGone) | Outcome::Down(DownEnd::ClientGone) => {
             logout_backend(
                 &mut backend_r,
                 &mut backend_w,
-                commands_at_boundary.load(Ordering::Acquire),
+                progress.at_boundary.load(Ordering::Acquire),
                 opts.backend_logout,
             )
             .await;
@@ -170,7 +221,14 @@ enum UpEnd {
 }
 
 enum DownEnd {
-    BackendClosed { saw_bye: bool, at_boundary: bool },
+    BackendClosed {
+        saw_bye: bool,
+        at_boundary: bool,
+    },
+    /// A stop was asked and the session reached a safe point; `idle`: inside an IDLE.
+    Stopped {
+        idle: bool,
+    },
     ClientGone,
     Frame(FrameError),
 }
@@ -203,9 +261,9 @@ async fn upstream<R, W>(
     backend: &mut W,
     ahead: Vec<u8>,
     inject: mpsc::Sender<Vec<u8>>,
-    gate: &gate::LiteralGate,
-    at_boundary: &AtomicBool,
+    progress: &Progress,
     opts: &RelayOptions,
+    ctx: &RelayContext,
 ) -> UpEnd
 where
     R: AsyncRead + Unpin,
@@ -217,7 +275,7 @@ where
     let mut filled = ahead.len();
     // The loop below runs for the whole session: do not keep the login-time buffer alive.
     drop(ahead);
-    at_boundary.store(filled == 0, Ordering::Release);
+    progress.at_boundary.store(filled == 0, Ordering::Release);
     // When set, the current message is swallowed and this answer is sent once it ends.
     let mut swallow: Option<Vec<u8>> = None;
     loop {
@@ -239,10 +297,18 @@ where
                     literal,
                     ..
                 } => {
-                    if first
-                        && swallow.is_none()
-                        && let Some(action) = intercept(&buf[pos..filled], opts)
+                    let scanned = if first && swallow.is_none() {
+                        prescan(&buf[pos..filled])
+                    } else {
+                        None
+                    };
+                    if first && swallow.is_none() {
+                        count_command(scanned.as_ref(), &buf[pos..filled], progress, ctx);
+                    }
+                    if let Some(p) = scanned
+                        && let Some(action) = intercept(&p, opts)
                     {
+                        ctx.counters.intercepted(p.name);
                         match action {
                             Action::Rewrite { name, with } => {
                                 let name_start = pos + name.start;
@@ -257,6 +323,8 @@ where
                                 if write(backend, &buf[out_start..pos]).await.is_err() {
                                     return UpEnd::BackendGone;
                                 }
+                                // Answered here: the backend never sees it.
+                                progress.sent.fetch_sub(1, Ordering::AcqRel);
                                 swallow = Some(answer);
                             }
                         }
@@ -279,12 +347,12 @@ where
                 // The backend answers the announcing line with `+` or with a refusal; which
                 // one decides whether the client's next bytes are the literal.
                 // Armed before the line goes out, so the answer cannot come first.
-                let armed = tag_of(framer.head()).is_some_and(|tag| gate.arm(tag));
+                let armed = tag_of(framer.head()).is_some_and(|tag| progress.gate.arm(tag));
                 if write(backend, &buf[out_start..pos]).await.is_err() {
                     return UpEnd::BackendGone;
                 }
                 out_start = pos;
-                if armed && gate.verdict().await == gate::Verdict::Refused {
+                if armed && progress.gate.verdict().await == gate::Verdict::Refused {
                     framer.abandon_literal();
                 }
             }
@@ -299,14 +367,60 @@ where
             buf.truncate(BUF_SIZE);
             buf.shrink_to_fit();
         }
-        at_boundary.store(framer.at_message_start() && filled == 0, Ordering::Release);
-        match client.read(&mut buf[filled..]).await {
+        progress
+            .at_boundary
+            .store(framer.at_message_start() && filled == 0, Ordering::Release);
+        // A stop is taken only between commands: nothing of the next one has reached the
+        // backend (a partial command head still here is dropped with the session).
+        let stoppable = framer.at_message_start();
+        let read = tokio::select! {
+            r = client.read(&mut buf[filled..]) => r,
+            _ = ctx.stop.requested(), if stoppable => {
+                progress.parked.store(true, Ordering::Release);
+                progress.parked_notify.notify_one();
+                // The other side ends the session once the backend has answered.
+                return std::future::pending().await;
+            }
+        };
+        match read {
             Ok(0) | Err(_) => return UpEnd::ClientGone,
-            Ok(n) => filled += n,
+            Ok(n) => {
+                filled += n;
+                ctx.counters.client_to_backend.inc_by(n as u64);
+            }
         }
         // From here until the next read the backend may hold part of a command.
-        at_boundary.store(false, Ordering::Release);
+        progress.at_boundary.store(false, Ordering::Release);
     }
+}
+
+/// Counts a command the client sent, for metrics and for finding safe points. An IDLE's
+/// `DONE` is not a command; a line without a tag gets an untagged answer, so it is not
+/// counted as one either.
+fn count_command(
+    scanned: Option<&Prescan<'_>>,
+    line: &[u8],
+    progress: &Progress,
+    ctx: &RelayContext,
+) {
+    match scanned {
+        Some(p) => {
+            ctx.counters.command(p.name);
+            progress
+                .idle
+                .store(p.name == CommandName::Idle, Ordering::Release);
+            progress.sent.fetch_add(1, Ordering::AcqRel);
+        }
+        None => {
+            if progress.idle.load(Ordering::Acquire) && is_done(line) {
+                progress.idle.store(false, Ordering::Release);
+            }
+        }
+    }
+}
+
+fn is_done(line: &[u8]) -> bool {
+    line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"DONE")
 }
 
 /// Whether `bytes` hold enough of a command line for the pre-scanner.
@@ -325,15 +439,14 @@ enum Action {
 }
 
 /// Decides what to do with a command from the head of its first line.
-fn intercept(line: &[u8], opts: &RelayOptions) -> Option<Action> {
-    let p = prescan(line)?;
+fn intercept(p: &Prescan<'_>, opts: &RelayOptions) -> Option<Action> {
     match p.name {
         CommandName::Rlist if opts.rewrite_referrals => Some(Action::Rewrite {
-            name: p.name_range,
+            name: p.name_range.clone(),
             with: b"LIST",
         }),
         CommandName::Rlsub if opts.rewrite_referrals => Some(Action::Rewrite {
-            name: p.name_range,
+            name: p.name_range.clone(),
             with: b"LSUB",
         }),
         CommandName::Compress => Some(Action::Answer(response::status(
@@ -360,8 +473,9 @@ async fn downstream<R, W>(
     client: &mut W,
     ahead: Vec<u8>,
     mut inject: mpsc::Receiver<Vec<u8>>,
-    gate: &gate::LiteralGate,
+    progress: &Progress,
     opts: &RelayOptions,
+    ctx: &RelayContext,
 ) -> DownEnd
 where
     R: AsyncRead + Unpin,
@@ -375,6 +489,10 @@ where
     drop(ahead);
     let mut saw_bye = false;
     let mut inject_open = true;
+    // Set once a stop is asked; from then on every boundary is checked for a safe point.
+    let mut stopping = false;
+    // The backend accepted the outstanding IDLE with `+`.
+    let mut idling = false;
     loop {
         if filled > 0 {
             let mut pos = 0;
@@ -383,8 +501,17 @@ where
                     Ok(Piece::Line { len, complete, .. }) => {
                         pos += len;
                         if complete && framer.at_message_start() {
-                            saw_bye |= is_bye(framer.head());
-                            gate.observe(framer.head());
+                            let head = framer.head();
+                            saw_bye |= is_bye(head);
+                            progress.gate.observe(head);
+                            match head.first() {
+                                Some(b'*') => {}
+                                Some(b'+') => idling = progress.idle.load(Ordering::Acquire),
+                                _ => {
+                                    idling = false;
+                                    progress.answered.fetch_add(1, Ordering::AcqRel);
+                                }
+                            }
                         }
                     }
                     Ok(Piece::LiteralData { len, .. }) => pos += len,
@@ -400,8 +527,23 @@ where
             buf.truncate(BUF_SIZE);
             buf.shrink_to_fit();
         }
+        if stopping
+            && progress.parked.load(Ordering::Acquire)
+            && framer.at_message_start()
+            && inject.is_empty()
+        {
+            match progress.outstanding() {
+                0 => return DownEnd::Stopped { idle: false },
+                1 if idling && progress.idle.load(Ordering::Acquire) => {
+                    return DownEnd::Stopped { idle: true };
+                }
+                _ => {}
+            }
+        }
         tokio::select! {
             biased;
+            _ = ctx.stop.requested(), if !stopping => stopping = true,
+            _ = progress.parked_notify.notified(), if stopping => {}
             answer = inject.recv(), if inject_open && framer.at_message_start() => {
                 match answer {
                     Some(answer) => {
@@ -419,7 +561,10 @@ where
                         at_boundary: framer.at_message_start(),
                     }
                 }
-                Ok(n) => filled = n,
+                Ok(n) => {
+                    filled = n;
+                    ctx.counters.backend_to_client.inc_by(n as u64);
+                }
             }
         }
     }

@@ -4,8 +4,11 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use imap_gateway::Gateway;
-use imap_gateway::config::{Config, ListenerConfig, ListenerMode};
+use imap_gateway::config::{AdminConfig, Config, ListenerConfig, ListenerMode};
+use imap_gateway::session::Shared;
 use tokio_util::sync::CancellationToken;
 
 pub struct TestGateway {
@@ -14,6 +17,10 @@ pub struct TestGateway {
     /// Extra listeners by name.
     pub addrs: Vec<(String, SocketAddr)>,
     pub dir: tempfile::TempDir,
+    /// The admin HTTP server.
+    pub admin: SocketAddr,
+    /// What the gateway's sessions share: routing table, metrics, lifecycle.
+    pub shared: Arc<Shared>,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -25,6 +32,11 @@ impl TestGateway {
             .find(|(n, _)| n == name)
             .unwrap_or_else(|| panic!("no listener {name}"))
             .1
+    }
+
+    /// Starts a shutdown without waiting for it (drain tests).
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
     }
 
     /// Stops accepting and waits for every session to end (clients must be gone first): a
@@ -66,6 +78,11 @@ pub fn test_config(dir: &Path, routing: &str) -> Config {
             tls_key: None,
             allow_plaintext_auth: true,
         }],
+        // Tests run side by side: the admin server takes a free port too.
+        admin: AdminConfig {
+            address: "127.0.0.1:0".parse().unwrap(),
+            ..AdminConfig::default()
+        },
         ..Config::default()
     }
 }
@@ -85,12 +102,16 @@ pub async fn start_with(routing: &str, tweak: impl FnOnce(&mut Config, &Path)) -
         .find(|(n, _)| n == "plain")
         .map(|(_, a)| *a)
         .unwrap_or(addrs[0].1);
+    let admin = gateway.admin_addr().expect("admin server enabled");
+    let shared = gateway.shared();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(gateway.serve(shutdown.clone()));
     TestGateway {
         addr,
         addrs,
         dir,
+        admin,
+        shared,
         shutdown,
         task: Some(task),
     }

@@ -27,6 +27,9 @@ impl Murder<'_> {
         let p = prescan(&head);
         let tag = p.as_ref().map(|p| p.tag.to_vec()).unwrap_or_default();
         let is_append = p.as_ref().is_some_and(|p| p.name == CommandName::Append);
+        if let Some(p) = &p {
+            self.ctx.counters.command(p.name);
+        }
         let args_at = p.as_ref().map_or(head.len(), |p| p.name_range.end + 1);
         // Everything before the literal's announcement, parsed as a line of its own.
         let ann = announcement_start(&head);

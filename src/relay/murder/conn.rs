@@ -158,7 +158,8 @@ impl Murder<'_> {
     pub(super) async fn open(&self, backend: &Backend) -> Result<Conn, String> {
         let c = self.connector.connect(backend).await?;
         let mut conn = Conn::new(
-            Wire::new(c.stream, c.leftover, self.opts.max_backend_line),
+            Wire::new(c.stream, c.leftover, self.opts.max_backend_line)
+                .counted(self.ctx.counters.backend_to_client.clone()),
             c.capabilities,
         );
         conn.delim = discover_delimiter(&mut conn)

@@ -31,13 +31,13 @@ use self::mailbox::{
     Place, mailbox_arg_of_extension, needs_literal, replace_args, routes_by_arguments,
 };
 use self::wire::{ForwardError, Wire, WireError};
-use super::{RelayEnd, RelayError, RelayOptions};
+use super::{RelayContext, RelayEnd, RelayError, RelayOptions};
 use crate::proto::args::{self};
 use crate::proto::capability;
 use crate::proto::framer::FrameError;
 use crate::proto::prescan::{CommandName, prescan, tag_of};
 use crate::proto::response::{Status, status};
-use crate::route::{Backend, Mount, MountTarget};
+use crate::route::{Backend, Mount, MountTarget, Route};
 use crate::stream::Stream;
 
 /// A mounted backend that could not be reached is left alone this long before the next
@@ -77,6 +77,8 @@ enum End {
     HomeLost,
     HomeBye,
     Client(RelayError),
+    /// A stop (shutdown, kick) was asked and the session is at a safe point.
+    Stopped,
 }
 
 impl From<WireError> for End {
@@ -134,18 +136,23 @@ struct Murder<'a> {
     caps: String,
     connector: &'a dyn Connector,
     opts: &'a RelayOptions,
+    ctx: &'a RelayContext,
 }
 
 /// Relays a session with mounts until it ends. `home` is the logged-in home backend.
 pub async fn run(
     client: Stream,
     client_ahead: Vec<u8>,
-    home_backend: Arc<Backend>,
+    route: Route,
     home: Connected,
-    mounts: Vec<Arc<Mount>>,
     connector: &dyn Connector,
     opts: &RelayOptions,
+    ctx: &RelayContext,
 ) -> RelayEnd {
+    let Route {
+        home: home_backend,
+        mounts,
+    } = route;
     let mut conns = vec![BackendSlot {
         backend: home_backend,
         slot: Slot::Idle,
@@ -167,11 +174,13 @@ pub async fn run(
     }
     let caps = capability::post_login_mounts(&home.capabilities);
     let mut home_conn = Conn::new(
-        Wire::new(home.stream, home.leftover, opts.max_backend_line),
+        Wire::new(home.stream, home.leftover, opts.max_backend_line)
+            .counted(ctx.counters.backend_to_client.clone()),
         home.capabilities,
     );
     let mut s = Murder {
-        client: Wire::new(client, client_ahead, opts.max_command_line),
+        client: Wire::new(client, client_ahead, opts.max_command_line)
+            .counted(ctx.counters.client_to_backend.clone()),
         reader: CommandReader::new(opts.max_command_line, opts.max_literal),
         conns,
         mounts,
@@ -183,6 +192,7 @@ pub async fn run(
         caps,
         connector,
         opts,
+        ctx,
     };
     let end = match discover_delimiter(&mut home_conn).await {
         Ok(d) => {
@@ -216,6 +226,13 @@ impl Murder<'_> {
                     .await;
                 let _ = self.client.stream.shutdown().await;
                 RelayEnd::BackendLost
+            }
+            End::Stopped => {
+                self.logout_all().await;
+                let reason = self.ctx.stop.reason();
+                let _ = self.client.write(reason.bye()).await;
+                let _ = self.client.stream.shutdown().await;
+                RelayEnd::Stopped(reason)
             }
             End::Client(e) => {
                 self.logout_all().await;
@@ -264,6 +281,10 @@ impl Murder<'_> {
 
     async fn serve(&mut self) -> End {
         loop {
+            // Between two commands, every answer given: a safe point to stop at.
+            if self.ctx.stop.is_requested() {
+                return End::Stopped;
+            }
             if let Err(end) = self.wait_for_command().await {
                 return end;
             }
@@ -286,12 +307,18 @@ impl Murder<'_> {
     async fn wait_for_command(&mut self) -> Step {
         while self.client.buffered().is_empty() {
             let watched = self.selected.unwrap_or(0);
-            let Murder { client, conns, .. } = self;
+            let Murder {
+                client, conns, ctx, ..
+            } = self;
             let Slot::Up(conn) = &mut conns[watched].slot else {
-                client.fill(READ).await?;
+                tokio::select! {
+                    r = client.fill(READ) => r?,
+                    _ = ctx.stop.requested() => return Err(End::Stopped),
+                }
                 continue;
             };
             tokio::select! {
+                _ = ctx.stop.requested() => return Err(End::Stopped),
                 r = client.fill(READ) => r?,
                 r = conn.wire.fill(READ) => {
                     if r.is_err() {
@@ -399,6 +426,18 @@ impl Murder<'_> {
         }
         let tag = p.tag.to_vec();
         let name = p.name;
+        self.ctx.counters.command(name);
+        if matches!(
+            name,
+            CommandName::List
+                | CommandName::Lsub
+                | CommandName::Rlist
+                | CommandName::Rlsub
+                | CommandName::Namespace
+                | CommandName::Compress
+        ) {
+            self.ctx.counters.intercepted(name);
+        }
         let args_at = p.name_range.end + 1;
         let items = match args::parse(&cmd, args_at.min(cmd.len())) {
             Ok(items) => items,
@@ -681,7 +720,9 @@ impl Murder<'_> {
                     }
                 }
             }
-            let Murder { client, conns, .. } = self;
+            let Murder {
+                client, conns, ctx, ..
+            } = self;
             let Slot::Up(conn) = &mut conns[i].slot else {
                 return self.unavailable(tag).await;
             };
@@ -691,6 +732,14 @@ impl Murder<'_> {
                     if r.is_err() {
                         return self.lost(i, tag).await;
                     }
+                }
+                _ = ctx.stop.requested() => {
+                    // Ends the IDLE so the backend takes the LOGOUT that follows as a
+                    // command; its answer to the IDLE is read and dropped with the logout.
+                    if conn.wire.write(b"DONE\r\n").await.is_err() {
+                        self.conn_failed(i)?;
+                    }
+                    return Err(End::Stopped);
                 }
             }
         }

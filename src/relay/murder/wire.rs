@@ -2,6 +2,7 @@
 //! the gateway rewrites, and message-at-a-time forwarding (constant memory, literals
 //! included) for everything it passes through.
 
+use prometheus::IntCounter;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::proto::framer::{FrameError, Framer, HEAD_LEN, Piece, Scan, scan_message};
@@ -37,6 +38,8 @@ pub struct Wire {
     start: usize,
     end: usize,
     max_line: usize,
+    /// Bytes read from `stream` are added here (relayed-bytes metrics).
+    read_counter: Option<IntCounter>,
 }
 
 impl Wire {
@@ -51,7 +54,14 @@ impl Wire {
             start: 0,
             end,
             max_line,
+            read_counter: None,
         }
+    }
+
+    /// Counts every byte read from the stream on `counter`.
+    pub fn counted(mut self, counter: IntCounter) -> Self {
+        self.read_counter = Some(counter);
+        self
     }
 
     pub fn buffered(&self) -> &[u8] {
@@ -90,6 +100,9 @@ impl Wire {
             Ok(0) => Err(WireError::Closed),
             Ok(n) => {
                 self.end += n;
+                if let Some(c) = &self.read_counter {
+                    c.inc_by(n as u64);
+                }
                 Ok(())
             }
             Err(e) => Err(WireError::Io(e)),
