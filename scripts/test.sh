@@ -13,12 +13,16 @@ command -v python3 >/dev/null || missing+=(python3)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v useradd >/dev/null || missing+=(passwd)
 [ -x /usr/bin/kill ] || [ -x /bin/kill ] || missing+=(procps)
-command -v promtool >/dev/null || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   apt-get update -qq
-  # No recommends: only promtool is wanted of prometheus, not its exporters.
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+if ! command -v promtool >/dev/null; then
+  echo "installing: prometheus (for promtool)"
+  apt-get update -qq
+  # No recommends: only promtool is wanted, not the exporters.
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 
 if cargo nextest --version >/dev/null 2>&1; then
