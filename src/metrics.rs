@@ -91,9 +91,17 @@ pub struct RelayCounters {
     pub backend_to_client: IntCounter,
     commands: Vec<IntCounter>,
     intercepted: Vec<IntCounter>,
+    /// Commands answered `NO [UNAVAILABLE]` because the server holding the mailbox is down.
+    pub mount_unavailable: IntCounter,
+    /// Cross-server COPY/MOVE: `[ok, failed]`.
+    cross_copies: [IntCounter; 2],
 }
 
 impl RelayCounters {
+    /// Counts a COPY or MOVE the gateway did between two servers.
+    pub fn cross_server_copy(&self, ok: bool) {
+        self.cross_copies[usize::from(!ok)].inc();
+    }
     /// Counts a command the gateway answered or rewrote itself.
     pub fn intercepted(&self, name: CommandName) {
         if let Some(c) = self.intercepted.get(name as usize) {
@@ -144,8 +152,6 @@ pub struct Metrics {
     pub sessions_active: IntGaugeVec,
     pub sessions_ended: IntCounterVec,
     pub relay: RelayCounters,
-    pub mount_unavailable: IntCounter,
-    pub cross_server_copies: IntCounterVec,
     pub routing_generation: IntGauge,
     pub routing_reloads: IntCounterVec,
     pub routing_last_reload: IntGauge,
@@ -239,6 +245,12 @@ impl Metrics {
             .iter()
             .map(|c| intercepted.with_label_values(&[c.label()]))
             .collect();
+        let copies = counter_vec(
+            r,
+            "cross_server_copies_total",
+            "COPY or MOVE between two backends done by the gateway, by result.",
+            &["result"],
+        )?;
         let login_duration = histogram_vec(
             r,
             "login_duration_seconds",
@@ -300,18 +312,14 @@ impl Metrics {
                 backend_to_client: relayed.with_label_values(&["backend_to_client"]),
                 commands,
                 intercepted,
+                mount_unavailable: counter(
+                    r,
+                    "mount_unavailable_total",
+                    "Commands answered NO [UNAVAILABLE] because the server holding the mailbox \
+                     could not be reached.",
+                )?,
+                cross_copies: ["ok", "failed"].map(|result| copies.with_label_values(&[result])),
             },
-            mount_unavailable: counter(
-                r,
-                "mount_unavailable_total",
-                "Times a mounted backend could not be reached for a command.",
-            )?,
-            cross_server_copies: counter_vec(
-                r,
-                "cross_server_copies_total",
-                "COPY or MOVE between two backends done by the gateway, by result.",
-                &["result"],
-            )?,
             routing_generation: gauge(
                 r,
                 "routing_table_generation",

@@ -282,7 +282,7 @@ async fn login(
     let Some(creds) = credentials(shared, &attempt.user, &attempt.password) else {
         return Err(LoginFailure::Unavailable);
     };
-    match backend::login(&route.home, &creds, client, &timeouts(shared)).await {
+    match backend_login(shared, &route.home, &creds, client).await {
         Ok(session) => Ok((route, session)),
         Err(BackendError::AuthFailed { .. }) => {
             info!("backend rejected credentials");
@@ -293,6 +293,31 @@ async fn login(
             Err(LoginFailure::Unavailable)
         }
     }
+}
+
+/// Logs in on a backend, timing it and counting failures per backend. A refused password
+/// is the user's failure, not the backend's: it is not counted as one.
+async fn backend_login(
+    shared: &Shared,
+    backend: &Backend,
+    creds: &BackendCredentials<'_>,
+    client: &ClientInfo,
+) -> Result<backend::BackendSession, BackendError> {
+    let started = std::time::Instant::now();
+    let result = backend::login(backend, creds, client, &timeouts(shared)).await;
+    let m = &shared.metrics;
+    match &result {
+        Ok(_) => m
+            .backend_connect_duration
+            .with_label_values(&[backend.name.as_str()])
+            .observe(started.elapsed().as_secs_f64()),
+        Err(BackendError::AuthFailed { .. }) => {}
+        Err(e) => m
+            .backend_connect_failures
+            .with_label_values(&[backend.name.as_str(), e.kind()])
+            .inc(),
+    }
+    result
 }
 
 fn timeouts(shared: &Shared) -> backend::Timeouts {
@@ -343,7 +368,7 @@ impl murder::Connector for MountConnector {
         Box::pin(async move {
             let creds = credentials(&self.shared, &self.user, &self.password)
                 .ok_or_else(|| "no credentials for the backend".to_owned())?;
-            let session = backend::login(backend, &creds, &self.client, &timeouts(&self.shared))
+            let session = backend_login(&self.shared, backend, &creds, &self.client)
                 .await
                 .map_err(|e| e.to_string())?;
             Ok(murder::Connected {

@@ -153,6 +153,7 @@ impl Murder<'_> {
         if !target_ok && t == 0 {
             return Err(End::HomeLost);
         }
+        self.ctx.counters.cross_server_copy(outcome.is_ok());
         for u in &updates {
             self.client.write(u).await.map_err(|_| End::ClientGone)?;
         }

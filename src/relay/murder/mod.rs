@@ -403,6 +403,7 @@ impl Murder<'_> {
     }
 
     async fn unavailable(&mut self, tag: &[u8]) -> Step {
+        self.ctx.counters.mount_unavailable.inc();
         self.reply(
             tag,
             "NO",
