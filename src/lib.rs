@@ -112,16 +112,19 @@ impl Gateway {
         }
         metrics.routing_generation.set(1);
         metrics.routing_last_reload.set(unix_now());
+        let shared = Arc::new(Shared::new(
+            config,
+            routes,
+            passdb,
+            master_password,
+            admin_token,
+            registry,
+            metrics,
+        ));
+        // Listeners bound (connections queue from now on) and a routing table loaded.
+        shared.lifecycle.set_ready();
         Ok(Self {
-            shared: Arc::new(Shared::new(
-                config,
-                routes,
-                passdb,
-                master_password,
-                admin_token,
-                registry,
-                metrics,
-            )),
+            shared,
             listeners,
             admin,
         })
@@ -182,7 +185,6 @@ impl Gateway {
                 shutdown.clone(),
             )));
         }
-        shared.lifecycle.set_ready();
         shutdown.cancelled().await;
         shared.lifecycle.drain();
         shared.metrics.draining.set(1);

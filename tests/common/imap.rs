@@ -98,6 +98,16 @@ impl Client {
         }
     }
 
+    /// Reads exactly `n` bytes, whatever they are (part of a response).
+    pub async fn read_exact(&mut self, n: usize) -> Vec<u8> {
+        let mut out = vec![0; n];
+        tokio::time::timeout(WAIT, self.io.read_exact(&mut out))
+            .await
+            .expect("timed out reading")
+            .expect("read");
+        out
+    }
+
     /// Reads until EOF; returns everything read.
     pub async fn read_to_end(&mut self) -> Vec<u8> {
         let mut out = Vec::new();

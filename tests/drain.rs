@@ -1,0 +1,215 @@
+//! Graceful shutdown: readiness turns false at once, listeners stop accepting, sessions before
+//! login get BYE, logged-in sessions get `* BYE [UNAVAILABLE]` at a safe point (after the
+//! response in flight, or inside IDLE) and the backend is logged out; a session that reaches
+//! no safe point is closed when the grace period ends.
+
+mod common;
+
+use std::time::Duration;
+
+use common::dovecot::{Dovecot, DovecotOptions, wait_for_log};
+use common::gateway;
+use common::imap::{Client, WAIT, literal_len, tagged_ok};
+
+const SHUTDOWN_BYE: &str = "* BYE [UNAVAILABLE] Server shutting down, please reconnect\r\n";
+/// Larger than every socket buffer between Dovecot, the gateway and the client together, so
+/// a client that has read only the start of it leaves the gateway in the middle of the FETCH.
+const BIG: usize = 40 * 1024 * 1024;
+
+fn big_message() -> Vec<u8> {
+    let mut m = b"From: big@example.org\r\nSubject: big\r\n\r\n".to_vec();
+    let mut i: u64 = 0;
+    while m.len() < BIG - 80 {
+        m.extend_from_slice(format!("{i:076}\r\n").as_bytes());
+        i += 1;
+    }
+    m
+}
+
+/// Polls `f` until it holds or the test's bound passes.
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never happened: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn fetch_in_flight_completes_then_bye_and_idle_gets_bye() {
+    let dovecot = Dovecot::start(DovecotOptions::default());
+    let raw = big_message();
+    dovecot.seed_message("bob", "INBOX", &raw);
+    let gw = gateway::start(&gateway::single_backend(dovecot.addr())).await;
+    assert!(gw.shared.lifecycle.is_ready());
+
+    let mut idler = Client::connect(gw.addr).await;
+    idler.login("alice", "alicepw").await;
+    assert!(tagged_ok(&idler.cmd("SELECT INBOX").await));
+    idler.write(b"i1 IDLE\r\n").await;
+    let cont = idler.read_response().await;
+    assert!(cont.starts_with(b"+ "), "{cont:?}");
+
+    let mut between = Client::connect(gw.addr).await;
+    between.login("carol@example.org", "carolpw").await;
+    assert!(tagged_ok(&between.cmd("NOOP").await));
+
+    let mut fetcher = Client::connect(gw.addr).await;
+    fetcher.login("bob", "bobpw").await;
+    assert!(tagged_ok(&fetcher.cmd("SELECT INBOX").await));
+    fetcher.write(b"f1 FETCH 1 BODY.PEEK[]\r\n").await;
+    let head = fetcher.read_exact(64 * 1024).await;
+
+    gw.begin_shutdown();
+    eventually("readiness false", || !gw.shared.lifecycle.is_ready()).await;
+
+    // IDLE and a session between commands end at once with the shutdown BYE.
+    let rest = String::from_utf8(idler.read_to_end().await).unwrap();
+    assert_eq!(rest, SHUTDOWN_BYE);
+    let rest = String::from_utf8(between.read_to_end().await).unwrap();
+    assert_eq!(rest, SHUTDOWN_BYE);
+
+    // The FETCH in flight arrives whole, answered, then the BYE.
+    let mut all = head;
+    all.extend(fetcher.read_to_end().await);
+    let line_end = all.windows(2).position(|w| w == b"\r\n").unwrap() + 2;
+    let first = &all[..line_end];
+    assert!(
+        first.starts_with(b"* 1 FETCH (BODY[] {"),
+        "{:?}",
+        String::from_utf8_lossy(first)
+    );
+    let len = literal_len(first).unwrap();
+    assert_eq!(len, raw.len());
+    assert!(
+        all[line_end..line_end + len] == raw[..],
+        "message bytes differ"
+    );
+    let tail = String::from_utf8(all[line_end + len..].to_vec()).unwrap();
+    let lines: Vec<&str> = tail.split_inclusive("\r\n").collect();
+    assert_eq!(lines[0], ")\r\n", "{tail:?}");
+    assert!(lines[1].starts_with("f1 OK "), "{tail:?}");
+    assert_eq!(lines[2..].concat(), SHUTDOWN_BYE, "{tail:?}");
+
+    // The backends were logged out, not cut off (the IDLE was ended with DONE first).
+    for user in ["alice", "bob", "carol@example.org"] {
+        wait_for_log(&dovecot, "logout", |log| {
+            log.lines()
+                .any(|l| l.contains(&format!("imap({user})")) && l.contains("Logged out"))
+        })
+        .await;
+    }
+    tokio::time::timeout(WAIT, gw.shared.lifecycle.draining())
+        .await
+        .unwrap();
+    let shared = gw.shared.clone();
+    gw.stop().await;
+    assert_eq!(ended_of(&shared, "drained"), 3);
+    assert_eq!(shared.lifecycle.sessions(), 0);
+}
+
+#[tokio::test]
+async fn preauth_sessions_get_bye_and_listeners_close() {
+    let dovecot = Dovecot::start(DovecotOptions::default());
+    let gw = gateway::start(&gateway::single_backend(dovecot.addr())).await;
+    let mut c = Client::connect(gw.addr).await;
+    let greeting = c.read_response().await;
+    assert!(greeting.starts_with(b"* OK"));
+    assert!(tagged_ok(&c.cmd("CAPABILITY").await));
+    gw.begin_shutdown();
+    let rest = String::from_utf8(c.read_to_end().await).unwrap();
+    assert_eq!(
+        rest,
+        "* BYE [UNAVAILABLE] Server shutting down, please reconnect.\r\n"
+    );
+    let addr = gw.addr;
+    eventually("listener closed", || {
+        std::net::TcpStream::connect(addr).is_err()
+    })
+    .await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_session_with_no_safe_point_is_closed_when_the_grace_period_ends() {
+    let dovecot = Dovecot::start(DovecotOptions::default());
+    dovecot.seed_message("bob", "INBOX", &big_message());
+    let gw = gateway::start_with(&gateway::single_backend(dovecot.addr()), |config, _| {
+        config.timeouts.shutdown_grace = Duration::from_millis(500);
+    })
+    .await;
+    // This client asks for 40 MB and reads none of it: the FETCH never ends.
+    let mut stuck = Client::connect(gw.addr).await;
+    stuck.login("bob", "bobpw").await;
+    assert!(tagged_ok(&stuck.cmd("SELECT INBOX").await));
+    stuck.write(b"f1 FETCH 1 BODY.PEEK[]\r\n").await;
+    let mut polite = Client::connect(gw.addr).await;
+    polite.login("alice", "alicepw").await;
+    // Wait until the gateway is blocked writing to the stuck client.
+    eventually("the FETCH to be in flight", || {
+        gw.shared.metrics.relay.backend_to_client.get() > 100_000
+    })
+    .await;
+
+    gw.begin_shutdown();
+    let rest = String::from_utf8(polite.read_to_end().await).unwrap();
+    assert_eq!(rest, SHUTDOWN_BYE);
+    let shared = gw.shared.clone();
+    // Returns once the grace period has closed the stuck session.
+    gw.stop().await;
+    assert_eq!(ended_of(&shared, "forced"), 1);
+    assert_eq!(ended_of(&shared, "drained"), 1);
+    drop(stuck);
+}
+
+fn ended_of(shared: &imap_gateway::session::Shared, reason: &str) -> u64 {
+    shared
+        .metrics
+        .sessions_ended
+        .with_label_values(&[reason])
+        .get()
+}
+
+#[tokio::test]
+async fn sessions_with_mounts_stop_in_idle_and_between_commands() {
+    let home = Dovecot::start(DovecotOptions::default());
+    let other = Dovecot::start(DovecotOptions::default());
+    other.seed_message("alice", "Box", b"Subject: x\r\n\r\nhello\r\n");
+    let routing = format!(
+        "default_pool = [\"home\"]\n{}{}\
+         [[mounts]]\nusers = \"*\"\nprefix = \"Other\"\nbackend = \"other\"\npath = \"\"\n",
+        gateway::backend_toml("home", home.addr(), ""),
+        gateway::backend_toml("other", other.addr(), ""),
+    );
+    let gw = gateway::start(&routing).await;
+
+    let mut idler = Client::connect(gw.addr).await;
+    idler.login("alice", "alicepw").await;
+    let sel = idler.cmd("SELECT Other/Box").await;
+    assert!(tagged_ok(&sel), "{sel}");
+    assert!(sel.contains("* 1 EXISTS"), "{sel}");
+    idler.write(b"i1 IDLE\r\n").await;
+    let cont = idler.read_response().await;
+    assert!(cont.starts_with(b"+ "), "{cont:?}");
+
+    let mut between = Client::connect(gw.addr).await;
+    between.login("bob", "bobpw").await;
+    assert!(tagged_ok(&between.cmd("LIST \"\" *").await));
+
+    gw.begin_shutdown();
+    for c in [&mut idler, &mut between] {
+        let rest = String::from_utf8(c.read_to_end().await).unwrap();
+        assert_eq!(rest, SHUTDOWN_BYE);
+    }
+    // The mounted server's IDLE was ended and the session logged out there too.
+    wait_for_log(&other, "logout on the mount", |log| {
+        log.lines()
+            .any(|l| l.contains("imap(alice)") && l.contains("Logged out"))
+    })
+    .await;
+    assert_eq!(ended_of(&gw.shared, "drained"), 2);
+    gw.stop().await;
+}
