@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::dovecot::{Dovecot, DovecotOptions, wait_for_log};
 use common::gateway;
 use common::imap::{Client, WAIT, literal_len, tagged_ok};
+use common::process::GatewayProcess;
 
 const SHUTDOWN_BYE: &str = "* BYE [UNAVAILABLE] Server shutting down, please reconnect\r\n";
 /// Larger than every socket buffer between Dovecot, the gateway and the client together, so
@@ -212,4 +213,51 @@ async fn sessions_with_mounts_stop_in_idle_and_between_commands() {
     .await;
     assert_eq!(ended_of(&gw.shared, "drained"), 2);
     gw.stop().await;
+}
+
+/// The binary: SIGTERM drains (a session in IDLE gets the BYE) and the process exits 0 once
+/// the sessions are gone, long before the grace period; its JSON log has one span per
+/// connection with id, peer, listener, user and backend, and never the password.
+#[tokio::test]
+async fn sigterm_drains_and_exits_with_json_logs() {
+    let dovecot = Dovecot::start(DovecotOptions::default());
+    let mut gw = GatewayProcess::start(
+        &gateway::single_backend(dovecot.addr()),
+        "[log]\nformat = \"json\"\nlevel = \"info\"\n[timeouts]\nshutdown_grace = \"60s\"",
+    )
+    .await;
+    let mut c = Client::connect(gw.addr).await;
+    c.login("alice", "alicepw").await;
+    assert!(tagged_ok(&c.cmd("SELECT INBOX").await));
+    c.write(b"i1 IDLE\r\n").await;
+    assert!(c.read_response().await.starts_with(b"+ "));
+
+    let started = std::time::Instant::now();
+    gw.signal("TERM");
+    let rest = String::from_utf8(c.read_to_end().await).unwrap();
+    assert_eq!(rest, SHUTDOWN_BYE);
+    let status = gw.wait_exit().await;
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "waited for the grace period"
+    );
+
+    let log = gw.log_contents();
+    assert!(!log.contains("alicepw"), "password in the log:\n{log}");
+    let ended = log
+        .lines()
+        .find(|l| l.contains("\"session ended\""))
+        .unwrap_or_else(|| panic!("no session end in the log:\n{log}"));
+    for field in [
+        "\"id\":",
+        "\"peer\":\"127.0.0.1:",
+        "\"listener\":\"plain\"",
+        "\"user\":\"alice\"",
+        "\"backend\":\"b\"",
+        "\"end\":\"drained\"",
+    ] {
+        assert!(ended.contains(field), "{field} missing in {ended}");
+    }
+    assert!(log.contains("\"draining\""), "{log}");
 }

@@ -4,36 +4,18 @@
 
 mod common;
 
-use std::io::Write;
-use std::net::{SocketAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
-
 use common::dovecot::{Dovecot, DovecotOptions};
 use common::gateway;
-use common::imap::{Client, WAIT, tagged_ok};
+use common::imap::{Client, tagged_ok};
+use common::process::GatewayProcess;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// Logging the process's output would only fill the log file.
+const QUIET: &str = "[log]\nlevel = \"warn\"";
 const MESSAGE_SIZE: usize = 50 * 1024 * 1024;
 /// Allowed growth of the gateway's peak RSS while relaying the message both ways: a tenth
 /// of the message, far above the relay's fixed buffers, far below a buffered literal.
 const MAX_GROWTH_KB: u64 = (MESSAGE_SIZE / 10 / 1024) as u64;
-
-struct GatewayProcess(Child);
-
-impl Drop for GatewayProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn status_kb(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -56,40 +38,6 @@ fn message() -> Vec<u8> {
         m.extend_from_slice(b"\r\n");
     }
     m
-}
-
-/// Runs the gateway binary with `routing` as its table; returns it with its address.
-async fn gateway_process(routing: &str) -> (GatewayProcess, SocketAddr, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    std::fs::write(dir.path().join("routing.toml"), routing).unwrap();
-    let config = dir.path().join("gateway.toml");
-    let mut f = std::fs::File::create(&config).unwrap();
-    writeln!(
-        f,
-        "routing_table = \"routing.toml\"\n[log]\nlevel = \"warn\"\n\
-         [admin]\naddress = \"127.0.0.1:0\"\n\
-         [[listeners]]\nname = \"plain\"\naddress = \"127.0.0.1:{port}\"\nallow_plaintext_auth = true"
-    )
-    .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_imap-gateway"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let gw = GatewayProcess(child);
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let deadline = std::time::Instant::now() + WAIT;
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "gateway did not start"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    (gw, addr, dir)
 }
 
 /// APPENDs `msg` with a synchronizing literal (the backend's `+` must come through).
@@ -134,8 +82,8 @@ async fn fetch_and_compare(c: Client, tag: &str, msg: &[u8]) -> (Client, String)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_megabytes_stream_both_ways_in_bounded_memory() {
     let dovecot = Dovecot::start(DovecotOptions::default());
-    let (gw, addr, _dir) = gateway_process(&gateway::single_backend(dovecot.addr())).await;
-    let pid = gw.0.id();
+    let gw = GatewayProcess::start(&gateway::single_backend(dovecot.addr()), QUIET).await;
+    let (addr, pid) = (gw.addr, gw.pid());
 
     // Warm up: one full session so the baseline includes the runtime and TLS-free paths.
     let mut c = Client::connect(addr).await;
@@ -181,8 +129,8 @@ async fn fifty_megabytes_through_a_mount_and_across_servers_in_bounded_memory() 
         gateway::backend_toml("home", home.addr(), ""),
         gateway::backend_toml("archive", archive.addr(), ""),
     );
-    let (gw, addr, _dir) = gateway_process(&routing).await;
-    let pid = gw.0.id();
+    let gw = GatewayProcess::start(&routing, QUIET).await;
+    let (addr, pid) = (gw.addr, gw.pid());
 
     let mut c = Client::connect(addr).await;
     c.login("alice", "alicepw").await;

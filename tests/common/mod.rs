@@ -5,4 +5,5 @@ pub mod dovecot;
 pub mod fake;
 pub mod gateway;
 pub mod imap;
+pub mod process;
 pub mod tls;
