@@ -18,6 +18,7 @@ pub mod session;
 pub mod shutdown;
 pub mod stream;
 pub mod tls;
+pub mod watch;
 pub mod wire;
 
 use std::net::SocketAddr;
