@@ -18,6 +18,7 @@ pub mod session;
 pub mod shutdown;
 pub mod stream;
 pub mod tls;
+pub mod watch;
 pub mod wire;
 
 use std::net::SocketAddr;
@@ -149,11 +150,20 @@ impl Gateway {
         Arc::clone(&self.shared)
     }
 
+    /// The listeners' certificates, for reloading them on SIGHUP.
+    pub fn certificates(&self) -> Vec<Arc<tls::ReloadableCert>> {
+        self.listeners
+            .iter()
+            .filter_map(net::Listener::certificate)
+            .collect()
+    }
+
     /// Serves until `shutdown` is cancelled, then drains: readiness turns false, the
     /// listeners stop accepting, every session is asked to stop at its next safe point (BYE),
     /// and sessions still open after `timeouts.shutdown_grace` are closed. The admin server
     /// answers until the end, so `/readyz` is seen turning false.
     pub async fn serve(self, shutdown: CancellationToken) {
+        let certs = self.certificates();
         let shared = self.shared;
         let grace = shared.config.timeouts.shutdown_grace;
         let tracker = TaskTracker::new();
@@ -167,14 +177,9 @@ impl Gateway {
                 finished.clone(),
             )));
         }
-        let tls = self
-            .listeners
-            .iter()
-            .filter_map(net::Listener::certificate)
-            .collect();
         helpers.push(tokio::spawn(reload::run(
             Arc::clone(&shared),
-            tls,
+            certs,
             finished.clone(),
         )));
         let mut accept_loops = Vec::new();

@@ -3,11 +3,16 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use imap_gateway::Gateway;
 use imap_gateway::config::{Config, LogFormat};
-use imap_gateway::route::{Backend, MountTarget, RouteError, RoutingTable};
+use imap_gateway::reload::{reload_certificates, reload_routes};
+use imap_gateway::route::{Backend, MountTarget, RouteError, RoutingTable, Trigger};
+use imap_gateway::session::Shared;
+use imap_gateway::tls::ReloadableCert;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 /// Exit code for an invalid configuration.
@@ -153,6 +158,17 @@ fn run(config: Config) -> ExitCode {
                 return ExitCode::from(EXIT_CONFIG);
             }
         };
+        // Installed before serving: SIGHUP's default action would end the process.
+        match signal(SignalKind::hangup()) {
+            Ok(hangup) => {
+                tokio::spawn(reload_on_hangup(
+                    hangup,
+                    gateway.shared(),
+                    gateway.certificates(),
+                ));
+            }
+            Err(e) => tracing::error!(error = %e, "cannot handle SIGHUP"),
+        }
         let shutdown = CancellationToken::new();
         tokio::spawn(wait_for_signal(shutdown.clone()));
         gateway.serve(shutdown).await;
@@ -160,8 +176,28 @@ fn run(config: Config) -> ExitCode {
     })
 }
 
+/// On each SIGHUP: the routing table and the listener certificates are read again.
+async fn reload_on_hangup(
+    mut hangup: Signal,
+    shared: Arc<Shared>,
+    certs: Vec<Arc<ReloadableCert>>,
+) {
+    while hangup.recv().await.is_some() {
+        let shared = Arc::clone(&shared);
+        let certs = certs.clone();
+        // Reading and parsing files blocks: off the async workers.
+        let done = tokio::task::spawn_blocking(move || {
+            // Logged and counted there.
+            let _ = reload_routes(&shared, Trigger::Signal);
+            reload_certificates(&shared, &certs);
+        });
+        if let Err(e) = done.await {
+            tracing::error!(error = %e, "reload on SIGHUP failed");
+        }
+    }
+}
+
 async fn wait_for_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut term) = signal(SignalKind::terminate()) else {
         return;
     };
