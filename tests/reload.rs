@@ -9,17 +9,16 @@
 mod common;
 
 use std::future::Future;
-use std::io::Write;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::dovecot::{Dovecot, DovecotOptions};
+use common::dovecot::{Dovecot, DovecotOptions, free_port};
 use common::gateway::{self, backend_toml};
 use common::imap::{Client, WAIT, tagged_ok};
+use common::process::GatewayProcess;
 use common::tls::{TestCa, client_config};
 use imap_gateway::config::{ListenerConfig, ListenerMode};
 use imap_gateway::reload::reload_routes;
@@ -388,24 +387,6 @@ async fn a_hundred_reloads_under_continuous_logins() {
     gw.stop().await;
 }
 
-/// The gateway binary, killed on drop.
-struct GatewayProcess(Child);
-
-impl Drop for GatewayProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Opens a TLS connection to `addr` trusting `ca`; returns it with the server's leaf
 /// certificate.
 async fn connect_tls(addr: SocketAddr, ca: &Path) -> (Client, Vec<u8>) {
@@ -444,42 +425,27 @@ fn issue(ca: &TestCa) -> (Vec<u8>, Vec<u8>) {
 #[tokio::test]
 async fn sighup_reloads_the_table_and_certificates_of_the_binary() {
     let (a, b) = two_backends(&["alice"], "");
-    let dir = tempfile::tempdir().unwrap();
-    let routing = dir.path().join("routing.toml");
-    std::fs::write(&routing, table(&a, &b, &[("alice", "a")])).unwrap();
-    let ca = TestCa::new(dir.path());
+    let scratch = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(scratch.path());
     let (cert, key) = issue(&ca);
-    std::fs::write(dir.path().join("tls.crt"), &cert).unwrap();
-    std::fs::write(dir.path().join("tls.key"), &key).unwrap();
-    let (plain, tls) = (free_port(), free_port());
-    let config = dir.path().join("gateway.toml");
-    let mut f = std::fs::File::create(&config).unwrap();
-    writeln!(
-        f,
-        "routing_table = \"routing.toml\"\n[log]\nlevel = \"warn\"\n\
-         [admin]\naddress = \"127.0.0.1:0\"\n[reload]\nwatch = false\n\
-         [[listeners]]\nname = \"plain\"\naddress = \"127.0.0.1:{plain}\"\n\
-         allow_plaintext_auth = true\n\
-         [[listeners]]\nname = \"imaps\"\naddress = \"127.0.0.1:{tls}\"\nmode = \"tls\"\n\
-         tls_cert = \"tls.crt\"\ntls_key = \"tls.key\""
+    let tls = free_port().port();
+    let mut gw = GatewayProcess::start_with(
+        &table(&a, &b, &[("alice", "a")]),
+        &format!(
+            "[log]\nlevel = \"warn\"\n[reload]\nwatch = false\n\
+             [[listeners]]\nname = \"imaps\"\naddress = \"127.0.0.1:{tls}\"\nmode = \"tls\"\n\
+             tls_cert = \"tls.crt\"\ntls_key = \"tls.key\""
+        ),
+        |dir| {
+            std::fs::write(dir.join("tls.crt"), &cert).unwrap();
+            std::fs::write(dir.join("tls.key"), &key).unwrap();
+        },
     )
-    .unwrap();
-    drop(f);
-    let mut gw = GatewayProcess(
-        Command::new(env!("CARGO_BIN_EXE_imap-gateway"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let addr: SocketAddr = format!("127.0.0.1:{plain}").parse().unwrap();
-    let tls_addr: SocketAddr = format!("127.0.0.1:{tls}").parse().unwrap();
-    eventually("the gateway accepting", || async {
-        tokio::net::TcpStream::connect(addr).await.is_ok()
-    })
     .await;
+    let dir = gw.dir.path().to_owned();
+    let routing = dir.join("routing.toml");
+    let addr = gw.addr;
+    let tls_addr: SocketAddr = format!("127.0.0.1:{tls}").parse().unwrap();
     assert_eq!(login_lands_on(addr, "alice").await, "a");
     let (mut old_tls, served) = connect_tls(tls_addr, &ca.ca_path).await;
     assert_eq!(served, leaf_of(&cert));
@@ -487,16 +453,12 @@ async fn sighup_reloads_the_table_and_certificates_of_the_binary() {
 
     std::fs::write(&routing, table(&a, &b, &[("alice", "b")])).unwrap();
     let (new_cert, new_key) = issue(&ca);
-    std::fs::write(dir.path().join("tls.crt"), &new_cert).unwrap();
-    std::fs::write(dir.path().join("tls.key"), &new_key).unwrap();
+    std::fs::write(dir.join("tls.crt"), &new_cert).unwrap();
+    std::fs::write(dir.join("tls.key"), &new_key).unwrap();
     // Nothing watches the files.
     assert_eq!(login_lands_on(addr, "alice").await, "a");
 
-    let status = Command::new("kill")
-        .args(["-HUP", &gw.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    gw.signal("HUP");
     eventually("a login on b after SIGHUP", || async {
         login_lands_on(addr, "alice").await == "b"
     })
@@ -505,10 +467,7 @@ async fn sighup_reloads_the_table_and_certificates_of_the_binary() {
         connect_tls(tls_addr, &ca.ca_path).await.1 == leaf_of(&new_cert)
     })
     .await;
-    assert!(
-        gw.0.try_wait().unwrap().is_none(),
-        "SIGHUP ended the gateway"
-    );
+    assert!(gw.is_running(), "SIGHUP ended the gateway");
     let noop = old_tls.cmd("NOOP").await;
     assert!(tagged_ok(&noop), "NOOP on the old connection: {noop}");
     assert_eq!(backend_of(&mut old_tls).await, "a");

@@ -662,8 +662,8 @@ fn write_passwd(path: &Path, entries: &[(String, String)]) {
     fs::write(path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
 }
 
-/// A loopback port that was free a moment ago.
-fn free_port() -> SocketAddr {
+/// A loopback address whose port was free a moment ago.
+pub fn free_port() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0");
     listener.local_addr().expect("local_addr")
 }

@@ -1,11 +1,12 @@
 //! Runs the gateway binary as its own process (for signals, exit codes, logs and memory read
 //! from /proc), on a free loopback port, with its output captured in a file.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
+use super::dovecot::free_port;
 use super::imap::WAIT;
 
 pub struct GatewayProcess {
@@ -24,21 +25,24 @@ impl Drop for GatewayProcess {
     }
 }
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl GatewayProcess {
     /// Starts `imap-gateway run` with `routing` as its table and `extra` appended to its
     /// configuration (tables such as `[log]` or `[timeouts]`; not `[admin]`, which is set to
     /// a free port here), and waits until the listener accepts.
     pub async fn start(routing: &str, extra: &str) -> GatewayProcess {
+        Self::start_with(routing, extra, |_| {}).await
+    }
+
+    /// As [`GatewayProcess::start`], with `prepare` run on the configuration's directory
+    /// first (to put certificates there, say).
+    pub async fn start_with(
+        routing: &str,
+        extra: &str,
+        prepare: impl FnOnce(&std::path::Path),
+    ) -> GatewayProcess {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
+        prepare(dir.path());
+        let port = free_port().port();
         std::fs::write(dir.path().join("routing.toml"), routing).unwrap();
         let config = dir.path().join("gateway.toml");
         std::fs::write(
@@ -90,6 +94,10 @@ impl GatewayProcess {
             .status()
             .expect("kill runs");
         assert!(status.success(), "kill -{name} failed");
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
     }
 
     /// Waits (bounded) for the process to exit.
