@@ -4,5 +4,6 @@
 pub mod dovecot;
 pub mod fake;
 pub mod gateway;
+pub mod http;
 pub mod imap;
 pub mod tls;
