@@ -4,6 +4,7 @@
 pub mod dovecot;
 pub mod fake;
 pub mod gateway;
+pub mod http;
 pub mod imap;
 pub mod process;
 pub mod tls;
