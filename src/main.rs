@@ -151,6 +151,17 @@ fn run(config: Config) -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        // Installed first: until then SIGTERM would end the process instead of draining it.
+        let (term, interrupt) = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(t), Ok(i)) => (t, i),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(error = %e, "cannot handle SIGTERM or SIGINT");
+                return ExitCode::FAILURE;
+            }
+        };
         let gateway = match Gateway::bind(config).await {
             Ok(g) => g,
             Err(e) => {
@@ -170,7 +181,7 @@ fn run(config: Config) -> ExitCode {
             Err(e) => tracing::error!(error = %e, "cannot handle SIGHUP"),
         }
         let shutdown = CancellationToken::new();
-        tokio::spawn(wait_for_signal(shutdown.clone()));
+        tokio::spawn(wait_for_signal(term, interrupt, shutdown.clone()));
         gateway.serve(shutdown).await;
         ExitCode::SUCCESS
     })
@@ -197,19 +208,16 @@ async fn reload_on_hangup(
     }
 }
 
-async fn wait_for_signal(shutdown: CancellationToken) {
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        return;
-    };
+async fn wait_for_signal(mut term: Signal, mut interrupt: Signal, shutdown: CancellationToken) {
     tokio::select! {
         _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+        _ = interrupt.recv() => {}
     }
     tracing::info!("shutting down; a second signal exits at once");
     shutdown.cancel();
     tokio::select! {
         _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+        _ = interrupt.recv() => {}
     }
     std::process::exit(1);
 }

@@ -102,6 +102,11 @@ impl RelayCounters {
     pub fn cross_server_copy(&self, ok: bool) {
         self.cross_copies[usize::from(!ok)].inc();
     }
+
+    /// How many cross-server copies ended `ok` (or failed).
+    pub fn cross_server_copies(&self, ok: bool) -> u64 {
+        self.cross_copies[usize::from(!ok)].get()
+    }
     /// Counts a command the gateway answered or rewrote itself.
     pub fn intercepted(&self, name: CommandName) {
         if let Some(c) = self.intercepted.get(name as usize) {

@@ -270,6 +270,13 @@ async fn metrics_count_logins_commands_and_bytes_without_names_and_pass_promtool
     );
     assert!(must(&m, "imapgw_login_duration_seconds_sum", &ok) > 0.0);
     assert_eq!(must(&m, "imapgw_sessions_active", &[("backend", "b")]), 1.0);
+    // One backend login made it (the refused password is not a backend failure).
+    let b = [("backend", "b")];
+    assert_eq!(
+        must(&m, "imapgw_backend_connect_duration_seconds_count", &b),
+        1.0
+    );
+    assert!(!m.contains("imapgw_backend_connect_failures_total{"), "{m}");
     assert!(must(&m, "process_resident_memory_bytes", &[]) > 0.0);
     // No user name, password or address anywhere, labels included.
     for secret in [

@@ -990,6 +990,8 @@ async fn mount_backend_down() {
     assert_tagged(&r, "NO", Some("UNAVAILABLE"), "SELECT Archive/2023");
     let r = c.cmd("STATUS Archive/2023 (MESSAGES)").await;
     assert_tagged(&r, "NO", Some("UNAVAILABLE"), "STATUS Archive/2023");
+    // Both refusals are counted for operators.
+    assert_eq!(s.gw.shared.metrics.relay.mount_unavailable.get(), 2);
 
     // The home server is untouched.
     let r = ok(&mut c, "SELECT INBOX").await;
@@ -1111,6 +1113,14 @@ async fn copy_failing_half_way_leaves_both_sides_as_they_were() {
         logout(d).await;
     }
     assert!(direct_status(&s.archive, "2023", "UIDNEXT").await > before_next);
+    let counters = &s.gw.shared.metrics.relay;
+    assert_eq!(
+        (
+            counters.cross_server_copies(true),
+            counters.cross_server_copies(false)
+        ),
+        (0, 2)
+    );
     // The session goes on, on both servers.
     let r = ok(&mut c, "FETCH 1:* (UID)").await;
     assert_eq!(

@@ -489,6 +489,15 @@ async fn unreachable_backend_is_unavailable_without_details() {
     for secret in ["refused", "127.0.0.1", "deadbackend", ":1", "onnect"] {
         assert!(!answer.contains(secret), "{secret} leaked: {answer}");
     }
+    // Operators see it, per backend and reason.
+    let m = &gw.shared.metrics;
+    let failures = m
+        .backend_connect_failures
+        .with_label_values(&["deadbackend", "connect"])
+        .get();
+    assert_eq!(failures, 1);
+    let unavailable = m.logins.with_label_values(&["login", "unavailable"]).get();
+    assert_eq!(unavailable, 1);
     // The session goes on: the client may try again.
     send(&mut c, "b NOOP\r\n").await;
     expect(&mut c, "b OK NOOP completed.\r\n").await;

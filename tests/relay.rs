@@ -203,3 +203,30 @@ async fn client_dying_mid_append_stores_nothing() {
     drop(check);
     gw.stop().await;
 }
+
+/// A client that sends LOGOUT and closes without waiting for the answer (as real clients
+/// do) is counted as a logout, whichever side the gateway sees closing first.
+#[tokio::test]
+async fn a_logout_followed_by_close_is_counted_as_a_logout() {
+    let dovecot = Dovecot::start(DovecotOptions::default());
+    let gw = gateway::start(&gateway::single_backend(dovecot.addr())).await;
+    for _ in 0..5 {
+        let mut c = Client::connect(gw.addr).await;
+        c.login("alice", "alicepw").await;
+        c.write(b"t9 LOGOUT\r\n").await;
+        drop(c);
+    }
+    let ended = |reason: &str| {
+        gw.shared
+            .metrics
+            .sessions_ended
+            .with_label_values(&[reason])
+            .get()
+    };
+    eventually("five sessions ended", || {
+        ended("logout") + ended("client_gone") == 5
+    })
+    .await;
+    assert_eq!(ended("logout"), 5);
+    gw.stop().await;
+}

@@ -50,7 +50,7 @@ pub struct RelayOptions {
 /// How a relayed session ended.
 #[derive(Debug)]
 pub enum RelayEnd {
-    /// The backend closed after saying BYE (LOGOUT, or its own autologout).
+    /// The client logged out, or the backend closed after saying BYE (its own autologout).
     BackendBye,
     /// The backend went away without BYE; the client was told.
     BackendLost,
@@ -86,6 +86,8 @@ struct Progress {
     answered: AtomicU64,
     /// The last command sent is an IDLE not yet ended by DONE.
     idle: AtomicBool,
+    /// The client sent LOGOUT.
+    logout: AtomicBool,
     /// The client-to-backend side stopped at a command boundary because a stop was asked.
     parked: AtomicBool,
     parked_notify: Notify,
@@ -155,14 +157,21 @@ pub async fn run(
             RelayEnd::Stopped(reason)
         }
         Outcome::Up(UpEnd::ClientGone) | Outcome::Down(DownEnd::ClientGone) => {
+            // A client that sent LOGOUT and closed before the backend did logged out: the
+            // backend has the LOGOUT already and needs no second one.
+            let logged_out = progress.logout.load(Ordering::Acquire);
             logout_backend(
                 &mut backend_r,
                 &mut backend_w,
-                progress.at_boundary.load(Ordering::Acquire),
+                !logged_out && progress.at_boundary.load(Ordering::Acquire),
                 opts.backend_logout,
             )
             .await;
-            RelayEnd::ClientGone
+            if logged_out {
+                RelayEnd::BackendBye
+            } else {
+                RelayEnd::ClientGone
+            }
         }
         Outcome::Up(UpEnd::BackendGone) => {
             close_client(&mut client_w, Some(BACKEND_LOST)).await;
@@ -410,6 +419,9 @@ fn count_command(
                 .idle
                 .store(p.name == CommandName::Idle, Ordering::Release);
             progress.sent.fetch_add(1, Ordering::AcqRel);
+            if p.name == CommandName::Logout {
+                progress.logout.store(true, Ordering::Release);
+            }
         }
         None => {
             if progress.idle.load(Ordering::Acquire) && is_done(line) {
