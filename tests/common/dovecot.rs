@@ -371,8 +371,14 @@ impl Dovecot {
             let output = fs::read_to_string(&out_path).unwrap_or_default();
             let log = self.log_contents();
             // stderr of this attempt only: the log file is shared by all attempts.
-            if output.contains("Address already in use") {
-                last_failure = format!("{err}\n{output}\n{log}");
+            // A port taken meanwhile is the usual reason; any other early exit is retried
+            // as well (under a full parallel suite a start can fail for reasons of the
+            // moment), and a failure that repeats ends in the panic below with each
+            // attempt's output.
+            if output.contains("Address already in use") || err.contains("exited early") {
+                last_failure.push_str(&format!(
+                    "--- attempt {attempt}: {err}\n{output}\n{log}\n"
+                ));
                 continue;
             }
             panic!(
@@ -383,7 +389,7 @@ impl Dovecot {
                 self.log_path.display()
             );
         }
-        panic!("Dovecot could not bind its ports after {START_ATTEMPTS} attempts:\n{last_failure}");
+        panic!("Dovecot did not start in {START_ATTEMPTS} attempts:\n{last_failure}");
     }
 
     fn wait_ready(&mut self) -> Result<(), String> {
