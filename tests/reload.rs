@@ -17,12 +17,11 @@ use std::time::{Duration, Instant};
 
 use common::dovecot::{Dovecot, DovecotOptions, free_port};
 use common::gateway::{self, backend_toml};
+use common::http;
 use common::imap::{Client, WAIT, tagged_ok};
 use common::process::GatewayProcess;
 use common::tls::{TestCa, client_config};
 use imap_gateway::config::{ListenerConfig, ListenerMode};
-use imap_gateway::reload::reload_routes;
-use imap_gateway::route::{Reloaded, Trigger};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
@@ -272,8 +271,8 @@ fn load_table(a: &Dovecot, b: &Dovecot, generation: u64) -> String {
     table(a, b, &homes)
 }
 
-/// The load test: the table is reloaded 100 times while clients log in without
-/// pause. No login fails, no session is dropped (sessions opened at the start, one of them
+/// The load test: the table is reloaded 100 times (`POST /admin/reload`) while
+/// clients log in without pause. No login fails, no session is dropped (sessions opened at the start, one of them
 /// in IDLE, answer at the end on their first backend and never saw BYE), and after every
 /// reload the moved users' next logins reach their new backend.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -333,10 +332,10 @@ async fn a_hundred_reloads_under_continuous_logins() {
     let mut checked = 0;
     for generation in 2..=RELOADS + 1 {
         std::fs::write(&path, load_table(&a, &b, generation)).unwrap();
-        assert_eq!(
-            reload_routes(&gw.shared, Trigger::Admin).expect("reload"),
-            Reloaded::Swapped(generation)
-        );
+        // Through the admin endpoint, as an operator or a deploy job would.
+        let r = http::post(gw.admin, "/admin/reload").await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.json()["generation"], generation, "{r:?}");
         for user in MOVED {
             assert_eq!(
                 login_lands_on(addr, user).await,

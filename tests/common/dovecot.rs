@@ -376,9 +376,7 @@ impl Dovecot {
             // moment), and a failure that repeats ends in the panic below with each
             // attempt's output.
             if output.contains("Address already in use") || err.contains("exited early") {
-                last_failure.push_str(&format!(
-                    "--- attempt {attempt}: {err}\n{output}\n{log}\n"
-                ));
+                last_failure.push_str(&format!("--- attempt {attempt}: {err}\n{output}\n{log}\n"));
                 continue;
             }
             panic!(
