@@ -261,3 +261,64 @@ async fn sigterm_drains_and_exits_with_json_logs() {
     }
     assert!(log.contains("\"draining\""), "{log}");
 }
+
+/// Lines the gateway and the backend read differently do not fool the safe point: a bare
+/// word gets a tagged `foo BAD` (no command was counted for it), a tag with `]` gets an
+/// untagged `* BAD` (a command was). Afterwards an APPEND in flight still gets its OK before
+/// the BYE, the message is stored once, and an IDLE is still ended with DONE and a LOGOUT.
+#[tokio::test]
+async fn stray_lines_do_not_move_the_safe_point() {
+    let dovecot = Dovecot::start(DovecotOptions::default());
+    let gw = gateway::start_with(&gateway::single_backend(dovecot.addr()), |config, _| {
+        // Long enough that a session that never finds its safe point is seen to miss it.
+        config.timeouts.shutdown_grace = Duration::from_secs(10);
+    })
+    .await;
+    let stray = async |c: &mut Client, line: &str, answer: &str| {
+        c.write(line.as_bytes()).await;
+        let r = String::from_utf8(c.read_response().await).unwrap();
+        assert!(r.starts_with(answer), "{line:?}: {r}");
+    };
+    // One of each per session: they must not cancel out.
+    let mut appender = Client::connect(gw.addr).await;
+    appender.login("alice", "alicepw").await;
+    stray(&mut appender, "foo\r\n", "foo BAD ").await;
+    let mut idler = Client::connect(gw.addr).await;
+    idler.login("bob", "bobpw").await;
+    stray(&mut idler, "a] NOOP\r\n", "* BAD ").await;
+    assert!(tagged_ok(&idler.cmd("SELECT INBOX").await));
+    idler.write(b"i1 IDLE\r\n").await;
+    assert!(idler.read_response().await.starts_with(b"+ "));
+
+    let mut message = b"Subject: in flight\r\n\r\n".to_vec();
+    message.resize(1024 * 1024, b'x');
+    appender
+        .write(format!("t1 APPEND INBOX {{{}+}}\r\n", message.len()).as_bytes())
+        .await;
+    appender.write(&message[..1000]).await;
+    // The gateway has passed the APPEND line on: the backend holds part of a command.
+    let relayed = gw.shared.metrics.relay.client_to_backend.clone();
+    eventually("the APPEND to reach the gateway", || relayed.get() > 1000).await;
+    gw.begin_shutdown();
+    appender.write(&message[1000..]).await;
+    appender.write(b"\r\n").await;
+    let rest = String::from_utf8(appender.read_to_end().await).unwrap();
+    let (answer, bye) = rest.split_once("\r\n").unwrap();
+    assert!(answer.starts_with("t1 OK [APPENDUID "), "{rest}");
+    assert_eq!(bye, SHUTDOWN_BYE);
+    let rest = String::from_utf8(idler.read_to_end().await).unwrap();
+    assert_eq!(rest, SHUTDOWN_BYE);
+
+    let mut direct = Client::connect(dovecot.addr()).await;
+    direct.login("alice", "alicepw").await;
+    let status = direct.cmd("STATUS INBOX (MESSAGES)").await;
+    assert!(status.contains("(MESSAGES 1)"), "{status}");
+    wait_for_log(&dovecot, "bob logged out", |log| {
+        log.lines()
+            .any(|l| l.contains("imap(bob)") && l.contains("Logged out"))
+    })
+    .await;
+    let shared = gw.shared.clone();
+    gw.stop().await;
+    assert_eq!(ended_of(&shared, "drained"), 2);
+}

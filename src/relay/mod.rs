@@ -6,14 +6,17 @@
 
 mod gate;
 pub mod murder;
+mod pending;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc};
 
+use self::pending::Pending;
 use crate::metrics::RelayCounters;
 use crate::proto::framer::{FrameError, Framer, HEAD_LEN, Piece};
 use crate::proto::prescan::{CommandName, Prescan, prescan, tag_of};
@@ -80,10 +83,8 @@ struct Progress {
     /// that went away, whichever side noticed: a LOGOUT inside an APPEND literal would
     /// become part of the message.
     at_boundary: AtomicBool,
-    /// Commands sent to the backend (the gateway's own answers excluded).
-    sent: AtomicU64,
-    /// Tagged responses the backend sent.
-    answered: AtomicU64,
+    /// Commands sent to the backend and not answered yet.
+    pending: Mutex<Pending>,
     /// The last command sent is an IDLE not yet ended by DONE.
     idle: AtomicBool,
     /// The client sent LOGOUT.
@@ -94,10 +95,9 @@ struct Progress {
 }
 
 impl Progress {
-    fn outstanding(&self) -> u64 {
-        self.sent
-            .load(Ordering::Acquire)
-            .saturating_sub(self.answered.load(Ordering::Acquire))
+    fn pending(&self) -> MutexGuard<'_, Pending> {
+        // Nothing panics while holding it; a poisoned lock still holds consistent tags.
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -333,7 +333,7 @@ where
                                     return UpEnd::BackendGone;
                                 }
                                 // Answered here: the backend never sees it.
-                                progress.sent.fetch_sub(1, Ordering::AcqRel);
+                                progress.pending().answered(&buf[pos..filled]);
                                 swallow = Some(answer);
                             }
                         }
@@ -403,32 +403,27 @@ where
     }
 }
 
-/// Counts a command the client sent, for metrics and for finding safe points. An IDLE's
-/// `DONE` is not a command; a line without a tag gets an untagged answer, so it is not
-/// counted as one either.
+/// Notes a command the client sent, for metrics and for finding safe points. The line
+/// after an IDLE is its `DONE` (or ends it anyway), not a command of its own.
 fn count_command(
     scanned: Option<&Prescan<'_>>,
     line: &[u8],
     progress: &Progress,
     ctx: &RelayContext,
 ) {
-    match scanned {
-        Some(p) => {
-            ctx.counters.command(p.name);
-            progress
-                .idle
-                .store(p.name == CommandName::Idle, Ordering::Release);
-            progress.sent.fetch_add(1, Ordering::AcqRel);
-            if p.name == CommandName::Logout {
-                progress.logout.store(true, Ordering::Release);
-            }
-        }
-        None => {
-            if progress.idle.load(Ordering::Acquire) && is_done(line) {
-                progress.idle.store(false, Ordering::Release);
-            }
+    if progress.idle.swap(false, Ordering::AcqRel) && is_done(line) {
+        return;
+    }
+    if let Some(p) = scanned {
+        ctx.counters.command(p.name);
+        progress
+            .idle
+            .store(p.name == CommandName::Idle, Ordering::Release);
+        if p.name == CommandName::Logout {
+            progress.logout.store(true, Ordering::Release);
         }
     }
+    progress.pending().sent(line);
 }
 
 fn is_done(line: &[u8]) -> bool {
@@ -521,7 +516,7 @@ where
                                 Some(b'+') => idling = progress.idle.load(Ordering::Acquire),
                                 _ => {
                                     idling = false;
-                                    progress.answered.fetch_add(1, Ordering::AcqRel);
+                                    progress.pending().answered(head);
                                 }
                             }
                         }
@@ -539,17 +534,19 @@ where
             buf.truncate(BUF_SIZE);
             buf.shrink_to_fit();
         }
+        // A client that sent LOGOUT is ending the session itself.
         if stopping
             && progress.parked.load(Ordering::Acquire)
             && framer.at_message_start()
             && inject.is_empty()
+            && !progress.logout.load(Ordering::Acquire)
         {
-            match progress.outstanding() {
-                0 => return DownEnd::Stopped { idle: false },
-                1 if idling && progress.idle.load(Ordering::Acquire) => {
-                    return DownEnd::Stopped { idle: true };
-                }
-                _ => {}
+            let pending = progress.pending();
+            if pending.is_empty() {
+                return DownEnd::Stopped { idle: false };
+            }
+            if pending.only_one() && idling && progress.idle.load(Ordering::Acquire) {
+                return DownEnd::Stopped { idle: true };
             }
         }
         tokio::select! {
