@@ -58,6 +58,10 @@ pub enum GatewayError {
     },
 }
 
+/// Once the grace period is over and every session was told to end now, how long to wait
+/// for their tasks to notice before giving up on them (they only need to be polled once).
+const FORCE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A gateway with its listeners bound, ready to serve.
 pub struct Gateway {
     shared: Arc<Shared>,
@@ -205,7 +209,15 @@ impl Gateway {
                 "shutdown grace period over; closing remaining sessions"
             );
             shared.lifecycle.force();
-            tracker.wait().await;
+            if tokio::time::timeout(FORCE_WAIT, tracker.wait())
+                .await
+                .is_err()
+            {
+                tracing::error!(
+                    sessions = tracker.len(),
+                    "sessions did not end when forced; exiting anyway"
+                );
+            }
         }
         finished.cancel();
         for h in helpers {

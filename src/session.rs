@@ -21,7 +21,7 @@ use crate::proto::capability;
 use crate::proto::response::status;
 use crate::relay::{self, RelayContext, RelayOptions, murder};
 use crate::route::{Backend, Route, Routes};
-use crate::shutdown::Lifecycle;
+use crate::shutdown::{Lifecycle, SessionGuard};
 use crate::stream::Stream;
 
 /// What every session shares: configuration, the current routing table, credentials,
@@ -84,6 +84,7 @@ pub async fn run(
     peer: SocketAddr,
     local: SocketAddr,
     deadline: Instant,
+    registration: SessionGuard,
 ) {
     let session_id = shared.session_id();
     let span = tracing::info_span!(
@@ -99,7 +100,6 @@ pub async fn run(
         local,
         session_id,
     };
-    let registration = shared.lifecycle.register();
     async move {
         let stop = registration.stop().clone();
         let mut preauth = Preauth::new(
@@ -120,6 +120,8 @@ pub async fn run(
                     return;
                 }
             };
+            // A kick for this user reaches the session from the login on.
+            registration.set_user(&attempt.user);
             let started = std::time::Instant::now();
             let result = login(&shared, &attempt, &client).await;
             let outcome = match &result {
@@ -154,7 +156,6 @@ pub async fn run(
             }
         };
         tracing::Span::current().record("backend", route.home.name.as_str());
-        registration.set_user(&attempt.user);
         let _active = ActiveGuard::new(
             shared
                 .metrics

@@ -11,6 +11,8 @@ use common::dovecot::{Dovecot, DovecotOptions, wait_for_log};
 use common::gateway;
 use common::imap::{Client, WAIT, literal_len, tagged_ok};
 use common::process::GatewayProcess;
+use common::tls::TestCa;
+use imap_gateway::config::{ListenerConfig, ListenerMode};
 
 const SHUTDOWN_BYE: &str = "* BYE [UNAVAILABLE] Server shutting down, please reconnect\r\n";
 /// Larger than every socket buffer between Dovecot, the gateway and the client together, so
@@ -321,4 +323,49 @@ async fn stray_lines_do_not_move_the_safe_point() {
     let shared = gw.shared.clone();
     gw.stop().await;
     assert_eq!(ended_of(&shared, "drained"), 2);
+}
+
+/// Connections in stages without a safe point of their own (a TLS handshake the client never
+/// finishes, a SASL exchange it never answers) end with the grace period, not with their own
+/// (longer) pre-auth deadline.
+#[tokio::test]
+async fn connections_in_any_stage_end_with_the_grace_period() {
+    let dovecot = Dovecot::start(DovecotOptions::default());
+    let gw = gateway::start_with(&gateway::single_backend(dovecot.addr()), |config, dir| {
+        config.timeouts.shutdown_grace = Duration::from_millis(300);
+        config.timeouts.preauth = Duration::from_secs(120);
+        let ca = TestCa::new(dir);
+        let (cert, key) = ca.issue(dir, "imaps", &["localhost"]);
+        config.listeners.push(ListenerConfig {
+            name: "imaps".into(),
+            address: "127.0.0.1:0".parse().unwrap(),
+            mode: ListenerMode::Tls,
+            tls_cert: Some(cert),
+            tls_key: Some(key),
+            allow_plaintext_auth: false,
+        });
+    })
+    .await;
+    let mut sasl = Client::connect(gw.addr).await;
+    assert!(sasl.read_response().await.starts_with(b"* OK"));
+    sasl.write(b"a AUTHENTICATE PLAIN\r\n").await;
+    assert!(sasl.read_response().await.starts_with(b"+"));
+    // TCP only: the handshake waits for a ClientHello that never comes.
+    let handshake = tokio::net::TcpStream::connect(gw.addr_of("imaps"))
+        .await
+        .unwrap();
+    eventually("both connections registered", || {
+        gw.shared.lifecycle.sessions() == 2
+    })
+    .await;
+
+    let started = std::time::Instant::now();
+    gw.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+    sasl.read_to_end().await;
+    drop(handshake);
 }

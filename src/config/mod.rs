@@ -436,7 +436,7 @@ impl Config {
             }
             match (&admin.token, &admin.token_file) {
                 (Some(_), Some(_)) => out.push("admin: give token or token_file, not both".into()),
-                (Some(t), None) if t.is_empty() => out.push("admin.token is empty".into()),
+                (Some(t), None) if t.trim().is_empty() => out.push("admin.token is empty".into()),
                 (None, Some(p)) => match std::fs::read_to_string(p) {
                     Ok(t) if t.trim().is_empty() => {
                         out.push(format!("admin.token_file {} is empty", p.display()))
@@ -455,8 +455,10 @@ impl Config {
 
     /// The admin bearer token, read from the file when configured that way.
     pub fn admin_token(&self) -> std::io::Result<Option<String>> {
+        // Surrounding whitespace (a newline from an editor or a Secret) is never part of a
+        // token a client can send.
         if let Some(t) = &self.admin.token {
-            return Ok(Some(t.clone()));
+            return Ok(Some(t.trim().to_owned()));
         }
         match &self.admin.token_file {
             Some(f) => Ok(Some(std::fs::read_to_string(f)?.trim().to_owned())),

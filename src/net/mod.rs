@@ -124,8 +124,11 @@ impl Listener {
             let ctx = Arc::clone(&self.ctx);
             let shared = Arc::clone(&shared);
             let implicit_tls = self.implicit_tls;
-            tracker.spawn(async move {
-                let _active = active;
+            // Registered at once, so a shutdown reaches the connection in every stage,
+            // TLS handshake and backend login included.
+            let registration = shared.lifecycle.register();
+            let stop = registration.stop().clone();
+            let connection = async move {
                 let counters = &ctx.metrics;
                 let stream = if implicit_tls {
                     let Some(acceptor) = ctx.tls.clone() else {
@@ -150,7 +153,17 @@ impl Listener {
                 } else {
                     Stream::Plain(tcp)
                 };
-                session::run(shared, ctx, stream, peer, local, deadline).await;
+                session::run(shared, ctx, stream, peer, local, deadline, registration).await;
+            };
+            tracker.spawn(async move {
+                let _active = active;
+                // Whatever stage the connection is in when the grace period ends, it ends;
+                // a logged-in session notices first and records how it ended.
+                tokio::select! {
+                    biased;
+                    _ = connection => {}
+                    _ = stop.forced() => {}
+                }
             });
         }
     }

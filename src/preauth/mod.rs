@@ -17,7 +17,7 @@ use crate::proto::command::{DecodeFailure, Mechanism, PreauthCommand, decode_pre
 use crate::proto::framer::FrameError;
 use crate::proto::prescan::{self, CommandName};
 use crate::proto::response::status;
-use crate::shutdown::Stop;
+use crate::shutdown::{Stop, StopReason};
 use crate::stream::Stream;
 use crate::wire::{Event, MessageBuf, ReadError};
 
@@ -57,7 +57,7 @@ pub enum PreauthEnd {
     TooManyAuthFailures,
     TooBig,
     TlsFailed,
-    /// The gateway is shutting down; the client got BYE.
+    /// The gateway is shutting down, or the administrator ended the session: BYE.
     Shutdown,
 }
 
@@ -186,11 +186,17 @@ impl Preauth {
             // Waiting for a command is this dialogue's only safe point: a shutdown ends it
             // here, never in the middle of a login or a TLS handshake.
             let next = tokio::select! {
-                next = tokio::time::timeout_at(self.deadline, self.buf.next(stream)) => next,
+                // A command already sent does not outrun the stop: it would start a backend
+                // login only to be told BYE.
+                biased;
                 _ = self.stop.requested() => {
-                    let text = "Server shutting down, please reconnect.";
+                    let text = match self.stop.reason() {
+                        StopReason::Shutdown => "Server shutting down, please reconnect.",
+                        StopReason::Kick => "Session ended by the administrator.",
+                    };
                     return Err(self.bye(Some("UNAVAILABLE"), text, PreauthEnd::Shutdown).await);
                 }
+                next = tokio::time::timeout_at(self.deadline, self.buf.next(stream)) => next,
             };
             match next {
                 Err(_) => {
