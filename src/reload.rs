@@ -17,11 +17,14 @@ use crate::watch::DirWatcher;
 /// here.
 pub fn reload_routes(shared: &Shared, trigger: Trigger) -> Result<Reloaded, RouteError> {
     let m = &shared.metrics;
-    let result = shared.routes.reload(trigger);
+    // Set while reloads are held off: set after, a reload overtaken between its swap and
+    // these lines would set the gauge back to its older generation.
+    let result = shared.routes.reload(trigger, |generation| {
+        m.routing_generation.set(generation as i64);
+        m.routing_last_reload.set(crate::unix_now());
+    });
     match &result {
         Ok(Reloaded::Swapped(generation)) => {
-            m.routing_generation.set(*generation as i64);
-            m.routing_last_reload.set(crate::unix_now());
             m.routing_reloads
                 .with_label_values(&[trigger.label(), "ok"])
                 .inc();

@@ -766,3 +766,89 @@ async fn malformed_and_oversized_requests_are_refused_and_serving_goes_on() {
     assert_eq!((r.status, r.body.as_str()), (200, "ok\n"));
     gw.stop().await;
 }
+
+/// Admin connections served at once (`MAX_CONNECTIONS` in src/admin/mod.rs).
+const ADMIN_CONNECTIONS: usize = 64;
+
+/// How soon a probe must be answered while every admin connection is held by a stalled
+/// client: the server's eviction grace (250 ms) plus ample scheduling slack, and far below
+/// the header read timeout (10 s), the soonest a silent client's place used to come free.
+const PROBE_BOUND: Duration = Duration::from_secs(2);
+
+/// Stalled clients that ask for `/metrics` and never read; the rest never send a byte.
+const NEVER_READING: usize = 4;
+
+/// Pipelined `GET /metrics` requests each never-reading client sends: their answers (some
+/// 9 KB each) are well beyond what the socket buffers take on loopback (4 MB of send buffer
+/// at most, by default), so the server's write to the client blocks for good. The requests
+/// themselves (36 KB) fit in the server's receive buffer, so sending them never blocks.
+const PIPELINED: usize = 1000;
+
+/// A client with a small receive window, so that little of an answer is taken off the
+/// server's hands.
+async fn small_window_client(addr: SocketAddr) -> tokio::net::TcpStream {
+    const WINDOW: u32 = 4096;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(WINDOW).unwrap();
+    socket.connect(addr).await.expect("connect to admin")
+}
+
+/// Every admin connection held by a stalled client: the oldest ask for `/metrics` and
+/// never read the answers (nothing times out that blocked write), the others never send a
+/// byte. Probes, each a new connection finding the port full, are still answered at once,
+/// and so is a scrape: a new connection makes the oldest give way.
+#[tokio::test]
+async fn stalled_clients_cannot_freeze_the_admin_port() {
+    let gw = gateway::start(&gateway::single_backend("127.0.0.1:1".parse().unwrap())).await;
+    ready(gw.admin).await;
+    let requests = "GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n".repeat(PIPELINED);
+    let mut stalled = Vec::new();
+    for n in 0..ADMIN_CONNECTIONS {
+        let mut tcp = small_window_client(gw.admin).await;
+        if n < NEVER_READING {
+            tcp.write_all(requests.as_bytes()).await.unwrap();
+        }
+        stalled.push(tcp);
+    }
+    // Until the server has answered what it can: then every never-reading client's
+    // connection is blocked in a write, the case that never ended by itself. (Only makes
+    // the test harsher; what it asserts holds either way.)
+    let answered = || {
+        gw.shared
+            .metrics
+            .admin_requests
+            .with_label_values(&["metrics", "200"])
+            .get()
+    };
+    let mut last = answered();
+    eventually("the never-reading clients' answers stop", async || {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = answered();
+        let settled = now == last && now > 0;
+        last = now;
+        settled.then_some(())
+    })
+    .await;
+    assert!(
+        last < (NEVER_READING * PIPELINED) as u64,
+        "all {last} pipelined requests were answered: the socket buffers are larger than \
+         assumed; raise PIPELINED"
+    );
+
+    for probe in 1..=NEVER_READING + 2 {
+        if probe > 1 {
+            // The last probe's place, taken again: every probe finds the port full.
+            stalled.push(small_window_client(gw.admin).await);
+        }
+        let health = tokio::time::timeout(PROBE_BOUND, http::get(gw.admin, "/healthz"))
+            .await
+            .unwrap_or_else(|_| panic!("probe {probe}: /healthz not answered in {PROBE_BOUND:?}"));
+        assert_eq!((health.status, health.body.as_str()), (200, "ok\n"));
+    }
+    let scrape = tokio::time::timeout(PROBE_BOUND, http::get(gw.admin, "/metrics"))
+        .await
+        .expect("/metrics not answered in time");
+    assert_eq!(scrape.status, 200, "{scrape:?}");
+    drop(stalled);
+    gw.stop().await;
+}

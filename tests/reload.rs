@@ -113,7 +113,15 @@ impl Projected {
         };
         p.write_version(files);
         std::os::unix::fs::symlink(p.version_name(), dir.join("..data")).unwrap();
-        for (name, _) in files {
+        // As kubelet does, one link per top-level name: an item `gw/routing.toml` is
+        // reached through the directory link `gw -> ..data/gw`.
+        let mut top: Vec<&str> = files
+            .iter()
+            .map(|(name, _)| name.split('/').next().unwrap())
+            .collect();
+        top.sort_unstable();
+        top.dedup();
+        for name in top {
             std::os::unix::fs::symlink(format!("..data/{name}"), dir.join(name)).unwrap();
         }
         p
@@ -131,7 +139,9 @@ impl Projected {
         let version = self.dir.join(self.version_name());
         std::fs::create_dir(&version).unwrap();
         for (name, bytes) in files {
-            std::fs::write(version.join(name), bytes).unwrap();
+            let file = version.join(name);
+            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+            std::fs::write(file, bytes).unwrap();
         }
     }
 
@@ -207,6 +217,47 @@ async fn configmap_symlink_swap_moves_new_logins_and_keeps_open_sessions() {
     .await;
     assert_eq!(login_lands_on(gw.addr, "alice").await, "a");
     assert_eq!(routing_reloads(&gw, "file", "ok"), 2);
+    assert_eq!(routing_reloads(&gw, "file", "failed"), 0);
+    gw.stop().await;
+}
+
+/// A ConfigMap item under a sub-directory (`gw/routing.toml`): the watched directory `gw` is
+/// a link to `..data/gw`, so every `..data` swap puts a new directory there and removes the
+/// one the last watch was on. Each of several swaps is seen and moves new logins.
+#[tokio::test]
+async fn configmap_item_in_a_sub_directory_is_followed_through_every_swap() {
+    const SWAPS: u64 = 3;
+    let (a, b) = two_backends(&["alice"], "");
+    let tables = [
+        table(&a, &b, &[("alice", "a")]),
+        table(&a, &b, &[("alice", "b")]),
+    ];
+    let mut configmap = None;
+    let gw = gateway::start_with("", |config, dir| {
+        let p = Projected::new(
+            &dir.join("configmap"),
+            &[("gw/routing.toml", tables[0].as_bytes())],
+        );
+        config.routing_table = p.path("gw/routing.toml");
+        config.reload.debounce = DEBOUNCE;
+        configmap = Some(p);
+    })
+    .await;
+    let mut configmap = configmap.unwrap();
+    assert_eq!(login_lands_on(gw.addr, "alice").await, "a");
+
+    for swap in 1..=SWAPS {
+        let table = &tables[usize::from(swap % 2 == 1)];
+        configmap.update(&[("gw/routing.toml", table.as_bytes())]);
+        eventually(
+            &format!("generation {} after swap {swap}", swap + 1),
+            || async { gw.shared.routes.generation() == swap + 1 },
+        )
+        .await;
+        let want = if swap % 2 == 1 { "b" } else { "a" };
+        assert_eq!(login_lands_on(gw.addr, "alice").await, want, "swap {swap}");
+    }
+    assert_eq!(routing_reloads(&gw, "file", "ok"), SWAPS);
     assert_eq!(routing_reloads(&gw, "file", "failed"), 0);
     gw.stop().await;
 }

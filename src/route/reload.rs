@@ -82,7 +82,14 @@ impl Routes {
     }
 
     /// Reads and validates the file again and swaps it in. On error the table in use stays.
-    pub fn reload(&self, trigger: Trigger) -> Result<Reloaded, RouteError> {
+    /// `swapped` is called with the new generation while reloads are still held off, so
+    /// what it records (a gauge) follows the generations in order even when two triggers
+    /// race; it must be quick.
+    pub fn reload(
+        &self,
+        trigger: Trigger,
+        swapped: impl FnOnce(u64),
+    ) -> Result<Reloaded, RouteError> {
         let mut loaded = self
             .loaded
             .lock()
@@ -94,6 +101,7 @@ impl Routes {
         self.current.store(Arc::new(table));
         loaded.digest = digest;
         let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        swapped(generation);
         Ok(Reloaded::Swapped(generation))
     }
 }
@@ -110,6 +118,9 @@ fn read(path: &Path) -> Result<(RoutingTable, u64), RouteError> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
     use super::*;
 
     const A: &str = "[[backends]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n\
@@ -127,18 +138,24 @@ mod tests {
 
         // Same bytes: a file trigger does nothing, an explicit one reloads.
         assert_eq!(
-            routes.reload(Trigger::File).unwrap(),
+            routes.reload(Trigger::File, |_| {}).unwrap(),
             Reloaded::Unchanged(1)
         );
-        assert_eq!(routes.reload(Trigger::Admin).unwrap(), Reloaded::Swapped(2));
+        assert_eq!(
+            routes.reload(Trigger::Admin, |_| {}).unwrap(),
+            Reloaded::Swapped(2)
+        );
 
         std::fs::write(&path, A.replace("backend = \"a\"", "backend = \"b\"")).unwrap();
-        assert_eq!(routes.reload(Trigger::File).unwrap(), Reloaded::Swapped(3));
+        assert_eq!(
+            routes.reload(Trigger::File, |_| {}).unwrap(),
+            Reloaded::Swapped(3)
+        );
         assert_eq!(routes.table().lookup("u").unwrap().home.name, "b");
 
         std::fs::write(&path, A.replace("backend = \"a\"", "backend = \"nowhere\"")).unwrap();
         assert!(matches!(
-            routes.reload(Trigger::Signal),
+            routes.reload(Trigger::Signal, |_| {}),
             Err(RouteError::Invalid(_))
         ));
         assert_eq!(routes.generation(), 3);
@@ -146,9 +163,46 @@ mod tests {
 
         std::fs::remove_file(&path).unwrap();
         assert!(matches!(
-            routes.reload(Trigger::File),
+            routes.reload(Trigger::File, |_| {}),
             Err(RouteError::Read { .. })
         ));
         assert_eq!(routes.table().lookup("u").unwrap().home.name, "b");
+    }
+
+    /// Two reloads at once: what the first records for its generation is recorded before
+    /// the second's, however long the first takes to record it. (Recording after the lock
+    /// was released let a slower first reload set the gauge back to its older generation.)
+    #[test]
+    fn what_a_reload_records_follows_the_generations_in_order() {
+        /// How long the first reload's recording waits for the second to overtake it; it
+        /// cannot while the recording holds reloads off, so this is the test's duration.
+        const OVERTAKE: Duration = Duration::from_millis(300);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.toml");
+        std::fs::write(&path, A).unwrap();
+        let routes = Routes::load(&path).unwrap();
+        let recorded = Mutex::new(Vec::new());
+        let (recording, started) = mpsc::channel();
+        let (second_done, overtaken) = mpsc::channel();
+        let (routes, recorded) = (&routes, &recorded);
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                routes
+                    .reload(Trigger::Admin, |g| {
+                        recording.send(()).unwrap();
+                        // Stands for a thread descheduled between the swap and the gauge.
+                        let _ = overtaken.recv_timeout(OVERTAKE);
+                        recorded.lock().unwrap().push(g);
+                    })
+                    .unwrap();
+            });
+            started.recv().unwrap();
+            routes
+                .reload(Trigger::Signal, |g| recorded.lock().unwrap().push(g))
+                .unwrap();
+            let _ = second_done.send(());
+        });
+        assert_eq!(*recorded.lock().unwrap(), [2, 3]);
+        assert_eq!(routes.generation(), 3);
     }
 }
