@@ -13,6 +13,7 @@ use common::dovecot::{Dovecot, DovecotOptions};
 use common::gateway::{self, TestGateway, backend_toml};
 use common::http::{self, HttpResponse};
 use common::imap::{Client, WAIT, tagged_ok};
+use common::wait::eventually;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
@@ -20,21 +21,6 @@ const PROMTOOL: &str = "/usr/bin/promtool";
 const KICK_BYE: &str = "* BYE [UNAVAILABLE] Session ended by the administrator\r\n";
 const MESSAGE: &str = "From: a@example.org\r\nTo: alice@example.org\r\nSubject: metrics probe\r\n\
                        \r\nHello through the gateway.\r\n";
-
-/// Polls `f` until it yields a value or the test's bound passes.
-async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never happened: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// One sample of a Prometheus text exposition: name and labels (sorted).
 type Series = (String, BTreeMap<String, String>);

@@ -10,8 +10,8 @@ use std::process::Output;
 use common::dovecot::{Dovecot, DovecotOptions};
 use common::gateway;
 use common::imap::{Client, tagged_ok};
-use common::tls::TestCa;
-use imap_gateway::config::{ListenerConfig, ListenerMode};
+use common::tls::{self, TestCa};
+use imap_gateway::config::ListenerMode;
 
 const MSG1: &str = "From: bob@example.org\r\nTo: alice@example.org\r\n\
 Subject: first seeded\r\nMessage-ID: <seed1@example.org>\r\n\r\nHello Alice,\r\nfirst body.\r\n";
@@ -227,14 +227,9 @@ async fn python_imaplib_over_implicit_tls() {
     let gw = gateway::start_with(&gateway::single_backend(dovecot.addr()), |config, dir| {
         let ca = TestCa::new(dir);
         let (cert, key) = ca.issue(dir, "gateway", &["localhost", "127.0.0.1"]);
-        config.listeners.push(ListenerConfig {
-            name: "imaps".into(),
-            address: "127.0.0.1:0".parse().unwrap(),
-            mode: ListenerMode::Tls,
-            tls_cert: Some(cert),
-            tls_key: Some(key),
-            allow_plaintext_auth: false,
-        });
+        config
+            .listeners
+            .push(tls::listener("imaps", ListenerMode::Tls, cert, key));
     })
     .await;
     let ca = gw.dir.path().join("ca.pem");

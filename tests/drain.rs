@@ -11,8 +11,9 @@ use common::dovecot::{Dovecot, DovecotOptions, wait_for_log};
 use common::gateway;
 use common::imap::{Client, WAIT, literal_len, tagged_ok};
 use common::process::GatewayProcess;
-use common::tls::TestCa;
-use imap_gateway::config::{ListenerConfig, ListenerMode};
+use common::tls::{self, TestCa};
+use common::wait::until;
+use imap_gateway::config::ListenerMode;
 
 const SHUTDOWN_BYE: &str = "* BYE [UNAVAILABLE] Server shutting down, please reconnect\r\n";
 /// Larger than every socket buffer between Dovecot, the gateway and the client together, so
@@ -30,17 +31,6 @@ fn big_message() -> Vec<u8> {
 }
 
 /// Polls `f` until it holds or the test's bound passes.
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !f() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never happened: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn fetch_in_flight_completes_then_bye_and_idle_gets_bye() {
     let dovecot = Dovecot::start(DovecotOptions::default());
@@ -67,7 +57,7 @@ async fn fetch_in_flight_completes_then_bye_and_idle_gets_bye() {
     let head = fetcher.read_exact(64 * 1024).await;
 
     gw.begin_shutdown();
-    eventually("readiness false", || !gw.shared.lifecycle.is_ready()).await;
+    until("readiness false", || !gw.shared.lifecycle.is_ready()).await;
 
     // IDLE and a session between commands end at once with the shutdown BYE.
     let rest = String::from_utf8(idler.read_to_end().await).unwrap();
@@ -129,7 +119,7 @@ async fn preauth_sessions_get_bye_and_listeners_close() {
         "* BYE [UNAVAILABLE] Server shutting down, please reconnect.\r\n"
     );
     let addr = gw.addr;
-    eventually("listener closed", || {
+    until("listener closed", || {
         std::net::TcpStream::connect(addr).is_err()
     })
     .await;
@@ -152,7 +142,7 @@ async fn a_session_with_no_safe_point_is_closed_when_the_grace_period_ends() {
     let mut polite = Client::connect(gw.addr).await;
     polite.login("alice", "alicepw").await;
     // Wait until the gateway is blocked writing to the stuck client.
-    eventually("the FETCH to be in flight", || {
+    until("the FETCH to be in flight", || {
         gw.shared.metrics.relay.backend_to_client.get() > 100_000
     })
     .await;
@@ -300,7 +290,7 @@ async fn stray_lines_do_not_move_the_safe_point() {
     appender.write(&message[..1000]).await;
     // The gateway has passed the APPEND line on: the backend holds part of a command.
     let relayed = gw.shared.metrics.relay.client_to_backend.clone();
-    eventually("the APPEND to reach the gateway", || relayed.get() > 1000).await;
+    until("the APPEND to reach the gateway", || relayed.get() > 1000).await;
     gw.begin_shutdown();
     appender.write(&message[1000..]).await;
     appender.write(b"\r\n").await;
@@ -336,14 +326,9 @@ async fn connections_in_any_stage_end_with_the_grace_period() {
         config.timeouts.preauth = Duration::from_secs(120);
         let ca = TestCa::new(dir);
         let (cert, key) = ca.issue(dir, "imaps", &["localhost"]);
-        config.listeners.push(ListenerConfig {
-            name: "imaps".into(),
-            address: "127.0.0.1:0".parse().unwrap(),
-            mode: ListenerMode::Tls,
-            tls_cert: Some(cert),
-            tls_key: Some(key),
-            allow_plaintext_auth: false,
-        });
+        config
+            .listeners
+            .push(tls::listener("imaps", ListenerMode::Tls, cert, key));
     })
     .await;
     let mut sasl = Client::connect(gw.addr).await;
@@ -354,7 +339,7 @@ async fn connections_in_any_stage_end_with_the_grace_period() {
     let handshake = tokio::net::TcpStream::connect(gw.addr_of("imaps"))
         .await
         .unwrap();
-    eventually("both connections registered", || {
+    until("both connections registered", || {
         gw.shared.lifecycle.sessions() == 2
     })
     .await;

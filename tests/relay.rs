@@ -3,25 +3,13 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::dovecot::{Dovecot, DovecotOptions};
 use common::fake::{self, AfterLogin};
 use common::gateway;
-use common::imap::{Client, WAIT, last_line, tagged_ok};
+use common::imap::{Client, last_line, tagged_ok};
+use common::wait::until;
 
 /// Polls `f` until it returns true or the test's bound passes.
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !f() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never happened: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn client_gets_bye_when_backend_dies() {
     let backend = fake::start(AfterLogin::DieOnNextCommand).await;
@@ -56,7 +44,7 @@ async fn backend_is_logged_out_when_client_vanishes() {
     assert!(tagged_ok(&c.cmd("SELECT INBOX").await));
     drop(c);
     // Dovecot logs "Logged out" for a LOGOUT and "Disconnected" for a dropped connection.
-    eventually("backend logged out", || {
+    until("backend logged out", || {
         dovecot.log_contents().contains("imap(bob)")
             && dovecot.log_contents().contains("Logged out")
     })
@@ -194,7 +182,7 @@ async fn client_dying_mid_append_stores_nothing() {
     let mut check = Client::connect(dovecot.addr()).await;
     check.login("alice", "alicepw").await;
     // Wait for the backend to see the end of the dropped session, then count.
-    eventually("the dropped session is over", || {
+    until("the dropped session is over", || {
         dovecot.log_contents().contains("Disconnected")
     })
     .await;
@@ -223,7 +211,7 @@ async fn a_logout_followed_by_close_is_counted_as_a_logout() {
             .with_label_values(&[reason])
             .get()
     };
-    eventually("five sessions ended", || {
+    until("five sessions ended", || {
         ended("logout") + ended("client_gone") == 5
     })
     .await;

@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,16 +19,15 @@ use common::gateway::{self, backend_toml};
 use common::http;
 use common::imap::{Client, WAIT, tagged_ok};
 use common::process::GatewayProcess;
-use common::tls::{TestCa, client_config};
-use imap_gateway::config::{ListenerConfig, ListenerMode};
+use common::tls::{self, TestCa, client_config};
+use common::wait::eventually;
+use imap_gateway::config::ListenerMode;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
 const PASSWORD: &str = "secret";
 /// Short, so the file-watching tests do not wait long; still several events long.
 const DEBOUNCE: Duration = Duration::from_millis(50);
-/// How often a condition is looked at while polling; the bound is `WAIT`.
-const POLL: Duration = Duration::from_millis(10);
 
 const MESSAGE: &[u8] = b"From: a@example.org\r\nSubject: marker\r\n\r\nmarker\r\n";
 
@@ -82,19 +80,6 @@ async fn login_lands_on(addr: SocketAddr, user: &str) -> &'static str {
     let bye = c.cmd("LOGOUT").await;
     assert!(tagged_ok(&bye), "LOGOUT: {bye}");
     backend
-}
-
-/// Polls `check` until it holds; fails the test after `WAIT`.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + WAIT;
-    while !check().await {
-        assert!(Instant::now() < deadline, "never happened: {what}");
-        tokio::time::sleep(POLL).await;
-    }
 }
 
 /// A directory laid out like a Kubernetes ConfigMap or Secret volume: the files live in a
@@ -198,7 +183,7 @@ async fn configmap_symlink_swap_moves_new_logins_and_keeps_open_sessions() {
     assert!(tagged_ok(&before.cmd("SELECT OnA").await));
 
     configmap.update(&[("routing.toml", on_b.as_bytes())]);
-    eventually("generation 2 after the ..data swap", || async {
+    eventually("generation 2 after the ..data swap", async || {
         gw.shared.routes.generation() == 2
     })
     .await;
@@ -211,7 +196,7 @@ async fn configmap_symlink_swap_moves_new_logins_and_keeps_open_sessions() {
 
     // Back again: the watch survived its directory's churn (the old version removed).
     configmap.update(&[("routing.toml", on_a.as_bytes())]);
-    eventually("generation 3 after the second swap", || async {
+    eventually("generation 3 after the second swap", async || {
         gw.shared.routes.generation() == 3
     })
     .await;
@@ -251,7 +236,7 @@ async fn configmap_item_in_a_sub_directory_is_followed_through_every_swap() {
         configmap.update(&[("gw/routing.toml", table.as_bytes())]);
         eventually(
             &format!("generation {} after swap {swap}", swap + 1),
-            || async { gw.shared.routes.generation() == swap + 1 },
+            async || gw.shared.routes.generation() == swap + 1,
         )
         .await;
         let want = if swap % 2 == 1 { "b" } else { "a" };
@@ -278,7 +263,7 @@ async fn a_bad_table_written_in_place_is_refused_and_the_old_one_kept() {
     ];
     for (n, text) in (1..).zip(bad) {
         std::fs::write(&path, text).unwrap();
-        eventually("a failed file reload counted", || async {
+        eventually("a failed file reload counted", async || {
             routing_reloads(&gw, "file", "failed") >= n
         })
         .await;
@@ -287,7 +272,7 @@ async fn a_bad_table_written_in_place_is_refused_and_the_old_one_kept() {
     }
 
     std::fs::write(&path, table(&a, &b, &[("alice", "b")])).unwrap();
-    eventually("the good file taken", || async {
+    eventually("the good file taken", async || {
         gw.shared.routes.generation() == 2
     })
     .await;
@@ -509,11 +494,11 @@ async fn sighup_reloads_the_table_and_certificates_of_the_binary() {
     assert_eq!(login_lands_on(addr, "alice").await, "a");
 
     gw.signal("HUP");
-    eventually("a login on b after SIGHUP", || async {
+    eventually("a login on b after SIGHUP", async || {
         login_lands_on(addr, "alice").await == "b"
     })
     .await;
-    eventually("the new certificate after SIGHUP", || async {
+    eventually("the new certificate after SIGHUP", async || {
         connect_tls(tls_addr, &ca.ca_path).await.1 == leaf_of(&new_cert)
     })
     .await;
@@ -539,14 +524,12 @@ async fn certificate_rotation_and_a_mismatched_pair() {
             &dir.join("tls"),
             &[("tls.crt", &first_cert), ("tls.key", &first_key)],
         );
-        config.listeners.push(ListenerConfig {
-            name: "imaps".into(),
-            address: "127.0.0.1:0".parse().unwrap(),
-            mode: ListenerMode::Tls,
-            tls_cert: Some(p.path("tls.crt")),
-            tls_key: Some(p.path("tls.key")),
-            allow_plaintext_auth: false,
-        });
+        config.listeners.push(tls::listener(
+            "imaps",
+            ListenerMode::Tls,
+            p.path("tls.crt"),
+            p.path("tls.key"),
+        ));
         config.reload.debounce = DEBOUNCE;
         secret = Some(p);
     })
@@ -560,7 +543,7 @@ async fn certificate_rotation_and_a_mismatched_pair() {
 
     let (cert, key) = issue(&ca);
     secret.update(&[("tls.crt", &cert), ("tls.key", &key)]);
-    eventually("a new handshake presents the new certificate", || async {
+    eventually("a new handshake presents the new certificate", async || {
         connect_tls(addr, &ca.ca_path).await.1 == leaf_of(&cert)
     })
     .await;
@@ -573,7 +556,7 @@ async fn certificate_rotation_and_a_mismatched_pair() {
     let (_, other_key) = issue(&ca);
     let ok = cert_reloads(&gw, "imaps", "ok");
     secret.update(&[("tls.crt", &other_cert), ("tls.key", &other_key)]);
-    eventually("the mismatched pair refused", || async {
+    eventually("the mismatched pair refused", async || {
         cert_reloads(&gw, "imaps", "failed") >= 1
     })
     .await;

@@ -9,7 +9,7 @@ use std::path::Path;
 use common::dovecot::{Dovecot, DovecotOptions, login_lines, wait_for_log};
 use common::gateway::{self, backend_toml};
 use common::imap::{Client, last_line, tagged_ok};
-use common::tls::{TestCa, client_config};
+use common::tls::{TestCa, client_config, listener};
 use imap_gateway::config::{ListenerConfig, ListenerMode};
 
 const MESSAGE: &str = "From: bob@example.org\r\nTo: alice@example.org\r\n\
@@ -32,14 +32,7 @@ fn tls_listener(dir: &Path, name: &str, mode: ListenerMode) -> ListenerConfig {
     std::fs::create_dir_all(&ca_dir).unwrap();
     let ca = TestCa::new(&ca_dir);
     let (cert, key) = ca.issue(&ca_dir, name, &["localhost", "127.0.0.1"]);
-    ListenerConfig {
-        name: name.into(),
-        address: "127.0.0.1:0".parse().unwrap(),
-        mode,
-        tls_cert: Some(cert),
-        tls_key: Some(key),
-        allow_plaintext_auth: false,
-    }
+    listener(name, mode, cert, key)
 }
 
 fn started_dovecot(opts: DovecotOptions) -> Dovecot {

@@ -8,3 +8,4 @@ pub mod http;
 pub mod imap;
 pub mod process;
 pub mod tls;
+pub mod wait;

@@ -10,6 +10,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use imap_gateway::config::{ListenerConfig, ListenerMode};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -120,4 +121,16 @@ pub fn client_config(ca_pem_path: &Path) -> Arc<rustls::ClientConfig> {
         .with_root_certificates(root_store(ca_pem_path))
         .with_no_client_auth();
     Arc::new(config)
+}
+
+/// A gateway listener on an ephemeral loopback port serving `cert` and `key`.
+pub fn listener(name: &str, mode: ListenerMode, cert: PathBuf, key: PathBuf) -> ListenerConfig {
+    ListenerConfig {
+        name: name.into(),
+        address: "127.0.0.1:0".parse().expect("a valid socket address"),
+        mode,
+        tls_cert: Some(cert),
+        tls_key: Some(key),
+        allow_plaintext_auth: false,
+    }
 }
