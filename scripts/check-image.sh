@@ -65,7 +65,8 @@ apt_install() {
     apt-get update -qq
     apt_updated=1
   fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+  # With recommends: the set of packages (crun, fuse-overlayfs, ...) this was tested with.
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 missing=()
 command -v buildah >/dev/null || missing+=(buildah)
