@@ -206,7 +206,10 @@ check_config_rejects() {
 
 render_chart() {
   local name=$1; shift
-  "$HELM" template imap-gateway "$CHART" --namespace mail "$@" >"$OUT/helm-$name.yaml"
+  "$HELM" template imap-gateway "$CHART" --namespace mail "$@" >"$OUT/helm-$name.yaml" || return 1
+  # NOTES.txt is not part of `helm template`: render it too (no cluster needed).
+  "$HELM" install --dry-run=client imap-gateway "$CHART" --namespace mail "$@" >"$OUT/helm-$name.install" || return 1
+  grep -q '^NOTES:' "$OUT/helm-$name.install"
 }
 
 render_base() { "$KUBECTL" kustomize "$BASE" >"$OUT/base.yaml"; }
@@ -320,7 +323,7 @@ for vs in "${VALUESETS[@]}"; do
   name=${vs%%:*} file=${vs#*:}
   args=(); [ -n "$file" ] && args=(-f "$file")
   step "helm lint --strict ($name)" "$HELM" lint --strict "$CHART" "${args[@]}"
-  step "helm template ($name)" render_chart "$name" "${args[@]}"
+  step "helm template + NOTES.txt ($name)" render_chart "$name" "${args[@]}"
   step "helm ($name): kubernetes-validate --strict" kube_validate "$OUT/helm-$name.yaml"
   if grep -q '^apiVersion: monitoring.coreos.com/' "$OUT/helm-$name.yaml"; then
     step "helm ($name): monitoring objects against prometheus-operator models" validate_crds "$OUT/helm-$name.yaml"
