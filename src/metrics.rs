@@ -129,6 +129,24 @@ pub struct ListenerCounters {
     pub active: IntGauge,
     /// Indexed by `[mode][result]`: mode 0 implicit, 1 STARTTLS; result as `TlsResult`.
     tls: [[IntCounter; 3]; 2],
+    /// Indexed by `ProxyRejected`.
+    proxy_rejected: [IntCounter; 3],
+}
+
+/// Why a connection on a PROXY-protocol listener was closed before its session: a bounded
+/// label, never the address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyRejected {
+    /// The socket peer is not in the listener's trusted networks.
+    Untrusted = 0,
+    /// No header, a garbled one, or one over the size limit.
+    Malformed = 1,
+    /// No complete header in time.
+    Timeout = 2,
+}
+
+impl ProxyRejected {
+    const LABELS: [&'static str; 3] = ["untrusted", "malformed", "timeout"];
 }
 
 /// How a client TLS handshake went.
@@ -143,6 +161,10 @@ impl ListenerCounters {
     pub fn tls(&self, starttls: bool, result: TlsResult) {
         self.tls[usize::from(starttls)][result as usize].inc();
     }
+
+    pub fn proxy_rejected(&self, reason: ProxyRejected) {
+        self.proxy_rejected[reason as usize].inc();
+    }
 }
 
 /// All of the gateway's metrics.
@@ -150,6 +172,7 @@ pub struct Metrics {
     pub connections_accepted: IntCounterVec,
     pub connections_active: IntGaugeVec,
     pub tls_handshakes: IntCounterVec,
+    pub proxy_protocol_rejected: IntCounterVec,
     pub logins: IntCounterVec,
     pub login_duration: HistogramVec,
     pub backend_connect_duration: HistogramVec,
@@ -281,6 +304,14 @@ impl Metrics {
                 "Client TLS handshakes (implicit or STARTTLS), by listener, mode and result.",
                 &["listener", "mode", "result"],
             )?,
+            proxy_protocol_rejected: counter_vec(
+                r,
+                "proxy_protocol_rejected_total",
+                "Connections on PROXY-protocol listeners closed before their session: peer not \
+                 in the trusted networks, no or a malformed header, or none in time; by listener \
+                 and reason.",
+                &["listener", "reason"],
+            )?,
             logins: counter_vec(
                 r,
                 "logins_total",
@@ -394,6 +425,11 @@ impl Metrics {
             accepted: self.connections_accepted.with_label_values(&[name]),
             active: self.connections_active.with_label_values(&[name]),
             tls: [tls("implicit"), tls("starttls")],
+            // Created at zero, so that rate() and alerts see them before the first.
+            proxy_rejected: ProxyRejected::LABELS.map(|reason| {
+                self.proxy_protocol_rejected
+                    .with_label_values(&[name, reason])
+            }),
         }
     }
 

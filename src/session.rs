@@ -75,26 +75,43 @@ impl Shared {
     }
 }
 
+/// Where a connection is from and to. Behind a load balancer speaking the PROXY protocol
+/// these are the addresses its header gave, not the socket's; everything in the session (logs,
+/// the ID sent to backends) uses these.
+#[derive(Debug, Clone, Copy)]
+pub struct Addresses {
+    /// The client.
+    pub peer: SocketAddr,
+    /// The address the client connected to.
+    pub local: SocketAddr,
+    /// The load balancer's own address, when a PROXY header replaced it with the client's.
+    pub via: Option<SocketAddr>,
+}
+
 /// Runs one client connection to its end. Never panics on peer input; every outcome is
 /// logged once.
 pub async fn run(
     shared: Arc<Shared>,
     listener: Arc<ListenerCtx>,
     stream: Stream,
-    peer: SocketAddr,
-    local: SocketAddr,
+    addrs: Addresses,
     deadline: Instant,
     registration: SessionGuard,
 ) {
+    let Addresses { peer, local, via } = addrs;
     let session_id = shared.session_id();
     let span = tracing::info_span!(
         "session",
         id = %session_id,
         %peer,
+        via = tracing::field::Empty,
         listener = %listener.name,
         user = tracing::field::Empty,
         backend = tracing::field::Empty,
     );
+    if let Some(via) = via {
+        span.record("via", tracing::field::display(via));
+    }
     let client = ClientInfo {
         peer,
         local,

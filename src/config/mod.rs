@@ -11,6 +11,10 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub mod cidr;
+
+use cidr::Cidr;
+
 /// Environment variables with this prefix override the file; `__` separates nested keys
 /// (`IMAP_GATEWAY_LIMITS__MAX_BAD_COMMANDS=5`).
 pub const ENV_PREFIX: &str = "IMAP_GATEWAY_";
@@ -84,6 +88,23 @@ pub struct ListenerConfig {
     /// Allow LOGIN/AUTHENTICATE without TLS (loopback, trusted networks). Off by default:
     /// passwords must not cross a network in clear.
     pub allow_plaintext_auth: bool,
+    /// Every connection starts with a PROXY protocol header (HAProxy v1 or v2) from a load
+    /// balancer, giving the client's real address.
+    pub proxy_protocol: bool,
+    /// Networks (CIDR, or bare addresses) whose connections may carry a PROXY header; a
+    /// connection from anywhere else is closed unread. Kept as text so that a bad entry is
+    /// reported by `problems` with the listener's name, next to every other problem.
+    pub proxy_trusted_networks: Vec<String>,
+}
+
+impl ListenerConfig {
+    /// The parsed `proxy_trusted_networks`, or the first entry that does not parse.
+    pub fn trusted_networks(&self) -> Result<Vec<Cidr>, cidr::CidrError> {
+        self.proxy_trusted_networks
+            .iter()
+            .map(|n| n.trim().parse())
+            .collect()
+    }
 }
 
 impl Default for ListenerConfig {
@@ -95,6 +116,8 @@ impl Default for ListenerConfig {
             tls_cert: None,
             tls_key: None,
             allow_plaintext_auth: false,
+            proxy_protocol: false,
+            proxy_trusted_networks: Vec::new(),
         }
     }
 }
@@ -370,6 +393,17 @@ impl Config {
                 }
                 _ => {}
             }
+            for network in &l.proxy_trusted_networks {
+                if let Err(e) = network.trim().parse::<Cidr>() {
+                    out.push(format!("{who}: proxy_trusted_networks: {e}"));
+                }
+            }
+            if l.proxy_protocol && l.proxy_trusted_networks.is_empty() {
+                out.push(format!(
+                    "{who}: proxy_protocol = true needs proxy_trusted_networks (the load \
+                     balancers' addresses)"
+                ));
+            }
         }
         let l = &self.limits;
         if l.max_preauth_line < 256 {
@@ -528,5 +562,67 @@ mod tests {
         assert!(p.iter().any(|m| m.contains("timeouts.preauth")), "{p:?}");
         assert!(p.iter().any(|m| m.contains("needs master_user")), "{p:?}");
         assert!(p.iter().any(|m| m.contains("needs passdb")), "{p:?}");
+    }
+
+    #[test]
+    fn proxy_protocol_problems_name_the_listener() {
+        let mut c = Config::default();
+        c.listeners[0].proxy_protocol = true;
+        c.listeners.push(ListenerConfig {
+            name: "lb".into(),
+            address: SocketAddr::from(([127, 0, 0, 1], 1144)),
+            proxy_protocol: true,
+            proxy_trusted_networks: vec!["10.0.0.0/8".into(), "10.0.0.1/8".into(), "lb".into()],
+            ..ListenerConfig::default()
+        });
+        c.timeouts.preauth = Duration::ZERO;
+        let p = c.problems();
+        let about = |name: &str, what: &str| {
+            p.iter()
+                .any(|m| m.starts_with(&format!("listener \"{name}\"")) && m.contains(what))
+        };
+        assert!(about("imap", "needs proxy_trusted_networks"), "{p:?}");
+        assert!(about("lb", "\"10.0.0.1/8\" has host bits set"), "{p:?}");
+        assert!(about("lb", "\"lb\" is not an IP address"), "{p:?}");
+        assert!(!about("lb", "needs proxy_trusted_networks"), "{p:?}");
+        // Reported along with the rest, not instead of it.
+        assert!(p.iter().any(|m| m.contains("timeouts.preauth")), "{p:?}");
+
+        let mut ok = Config::default();
+        ok.listeners[0].proxy_protocol = true;
+        ok.listeners[0].proxy_trusted_networks = vec!["10.0.0.0/8".into(), "fd00::1".into()];
+        assert!(ok.problems().iter().all(|m| !m.contains("proxy")));
+        assert_eq!(ok.listeners[0].trusted_networks().unwrap().len(), 2);
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API, not ours
+    fn proxy_keys_from_file_and_env() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "gw.toml",
+                "[[listeners]]\nname = \"imaps\"\naddress = \"0.0.0.0:993\"\n\
+                 proxy_protocol = true\nproxy_trusted_networks = [\"10.0.0.0/8\", \"fd00::/8\"]\n",
+            )?;
+            let c = Config::load(Some(std::path::Path::new("gw.toml"))).unwrap();
+            assert!(c.listeners[0].proxy_protocol);
+            assert_eq!(
+                c.listeners[0].proxy_trusted_networks,
+                ["10.0.0.0/8", "fd00::/8"]
+            );
+            // The list of listeners, given whole in the environment, as the chart does.
+            jail.set_env(
+                "IMAP_GATEWAY_LISTENERS",
+                "[{name=\"imap\", address=\"0.0.0.0:143\", proxy_protocol=true, \
+                 proxy_trusted_networks=[\"192.168.0.0/16\"]}]",
+            );
+            let c = Config::load(Some(std::path::Path::new("gw.toml"))).unwrap();
+            assert_eq!(c.listeners.len(), 1);
+            assert_eq!(c.listeners[0].name, "imap");
+            assert!(c.listeners[0].proxy_protocol);
+            assert_eq!(c.listeners[0].proxy_trusted_networks, ["192.168.0.0/16"]);
+            assert!(c.problems().iter().all(|m| !m.contains("proxy")));
+            Ok(())
+        });
     }
 }

@@ -1,6 +1,10 @@
 //! Listeners and the accept loop: binds every configured listener, accepts connections,
 //! does the implicit-TLS handshake inside the connection's own task (bounded by the pre-auth
 //! deadline, so a slow handshake never stalls the accept loop) and hands it to a session.
+//! On a `proxy_protocol` listener the PROXY header is read first, in the same task, and its
+//! client address is the one the session knows (`proxy`).
+
+pub mod proxy;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,7 +18,9 @@ use tracing::{debug, info, warn};
 
 use crate::config::{ListenerConfig, ListenerMode};
 use crate::metrics::{Metrics, TlsResult};
+use crate::net::proxy::ProxyPolicy;
 use crate::preauth::ListenerCtx;
+use crate::proto::proxy::ProxyError;
 use crate::session::{self, Shared};
 use crate::stream::Stream;
 use crate::tls::ReloadableCert;
@@ -26,6 +32,11 @@ pub enum NetError {
         name: String,
         address: SocketAddr,
         source: std::io::Error,
+    },
+    #[error("listener {name:?}: proxy_trusted_networks: {source}")]
+    TrustedNetworks {
+        name: String,
+        source: crate::config::cidr::CidrError,
     },
     #[error("listener {name:?}: {source}")]
     Tls {
@@ -39,6 +50,8 @@ pub struct Listener {
     ctx: Arc<ListenerCtx>,
     cert: Option<Arc<ReloadableCert>>,
     implicit_tls: bool,
+    /// Set on a `proxy_protocol` listener.
+    proxy: Option<Arc<ProxyPolicy>>,
     socket: TcpListener,
 }
 
@@ -60,6 +73,18 @@ impl Listener {
             )),
             None => None,
         };
+        let proxy = if config.proxy_protocol {
+            let trusted =
+                config
+                    .trusted_networks()
+                    .map_err(|source| NetError::TrustedNetworks {
+                        name: config.name.clone(),
+                        source,
+                    })?;
+            Some(Arc::new(ProxyPolicy { trusted }))
+        } else {
+            None
+        };
         let socket = TcpListener::bind(config.address)
             .await
             .map_err(|source| NetError::Bind {
@@ -75,6 +100,7 @@ impl Listener {
                 metrics: metrics.listener(&config.name),
             }),
             implicit_tls: config.mode == ListenerMode::Tls,
+            proxy,
             cert,
             socket,
         })
@@ -118,18 +144,56 @@ impl Listener {
             let _ = tcp.set_nodelay(true);
             let counters = &self.ctx.metrics;
             counters.accepted.inc();
+            if let Some(policy) = &self.proxy {
+                // Decided here, before a task or a byte read: an untrusted peer's header could
+                // claim any address, so the connection is closed unread and nothing is said.
+                if let Err(e) = policy.check_peer(peer) {
+                    if let Some(reason) = proxy::rejected_reason(&e) {
+                        counters.proxy_rejected(reason);
+                    }
+                    debug!(listener = %self.ctx.name, %peer, error = %e, "PROXY protocol from an untrusted peer: closed");
+                    continue;
+                }
+            }
             let active = ActiveGuard::new(counters.active.clone());
             let local = tcp.local_addr().unwrap_or(peer);
-            let deadline = Instant::now() + shared.config.timeouts.preauth;
+            let started = Instant::now();
+            let deadline = started + shared.config.timeouts.preauth;
             let ctx = Arc::clone(&self.ctx);
             let shared = Arc::clone(&shared);
             let implicit_tls = self.implicit_tls;
+            let proxy = self.proxy.is_some();
             // Registered at once, so a shutdown reaches the connection in every stage,
             // TLS handshake and backend login included.
             let registration = shared.lifecycle.register();
             let stop = registration.stop().clone();
             let connection = async move {
                 let counters = &ctx.metrics;
+                let mut tcp = tcp;
+                let (client, local) = if proxy {
+                    let header_deadline = deadline.min(started + proxy::HEADER_TIMEOUT);
+                    let header =
+                        tokio::time::timeout_at(header_deadline, proxy::read_header(&mut tcp))
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(ProxyError::Timeout(header_deadline - started))
+                            });
+                    match header {
+                        Ok(header) => proxy::addresses(header, peer, local),
+                        Err(e) => {
+                            if let Some(reason) = proxy::rejected_reason(&e) {
+                                counters.proxy_rejected(reason);
+                            }
+                            debug!(%peer, error = %e, "PROXY header refused");
+                            return;
+                        }
+                    }
+                } else {
+                    (peer, local)
+                };
+                // The load balancer's address, logged next to the client's it spoke for.
+                let via = (proxy && client != peer).then_some(peer);
+                let peer = client;
                 let stream = if implicit_tls {
                     let Some(acceptor) = ctx.tls.clone() else {
                         return;
@@ -153,7 +217,8 @@ impl Listener {
                 } else {
                     Stream::Plain(tcp)
                 };
-                session::run(shared, ctx, stream, peer, local, deadline, registration).await;
+                let addrs = session::Addresses { peer, local, via };
+                session::run(shared, ctx, stream, addrs, deadline, registration).await;
             };
             tracker.spawn(async move {
                 let _active = active;

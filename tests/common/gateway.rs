@@ -77,6 +77,8 @@ pub fn test_config(dir: &Path, routing: &str) -> Config {
             tls_cert: None,
             tls_key: None,
             allow_plaintext_auth: true,
+            proxy_protocol: false,
+            proxy_trusted_networks: Vec::new(),
         }],
         // Tests run side by side: the admin server takes a free port too.
         admin: AdminConfig {

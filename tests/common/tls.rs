@@ -132,5 +132,7 @@ pub fn listener(name: &str, mode: ListenerMode, cert: PathBuf, key: PathBuf) -> 
         tls_cert: Some(cert),
         tls_key: Some(key),
         allow_plaintext_auth: false,
+        proxy_protocol: false,
+        proxy_trusted_networks: Vec::new(),
     }
 }

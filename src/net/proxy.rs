@@ -1,0 +1,208 @@
+//! Reading the PROXY protocol header off a freshly accepted connection, for listeners with
+//! `proxy_protocol = true`: who may send one, how long it may take, and where the client's
+//! address then comes from. The format itself is `proto::proxy`.
+//!
+//! Not one byte past the header is taken from the socket: the reader peeks, and consumes
+//! only bytes the parser has placed inside the header. What the client sent behind it (its
+//! first command, or the ClientHello of an implicit-TLS connection) stays in the socket for
+//! the session or the TLS handshake, whether it came in the same packet or later.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+use crate::config::cidr::Cidr;
+use crate::metrics::ProxyRejected;
+use crate::proto::proxy::{MAX_HEADER_LEN, ProxyError, ProxyHeader, Scan, scan};
+
+/// How long a trusted peer has to deliver its whole header, within the pre-auth deadline.
+/// A load balancer writes the header at once, as its first bytes, over a fast internal
+/// network; one that has not done so in this time is broken or is not a load balancer, and
+/// waiting the full pre-auth period for it only holds a connection open.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A listener's PROXY protocol settings, parsed at bind.
+#[derive(Debug, Clone)]
+pub struct ProxyPolicy {
+    pub trusted: Vec<Cidr>,
+}
+
+impl ProxyPolicy {
+    /// Refuses a socket peer whose header we would have to take on faith.
+    pub fn check_peer(&self, peer: SocketAddr) -> Result<(), ProxyError> {
+        if Cidr::any_contains(&self.trusted, peer.ip()) {
+            Ok(())
+        } else {
+            Err(ProxyError::Untrusted(peer.ip()))
+        }
+    }
+}
+
+/// The metric reason for a rejected connection, or `None` when it is not worth counting: a
+/// trusted peer that closes without sending a byte is a load balancer's TCP health check,
+/// not a bad header.
+pub fn rejected_reason(error: &ProxyError) -> Option<ProxyRejected> {
+    match error {
+        ProxyError::Untrusted(_) => Some(ProxyRejected::Untrusted),
+        ProxyError::Timeout(_) => Some(ProxyRejected::Timeout),
+        ProxyError::Closed { received: 0 } => None,
+        ProxyError::NotProxy
+        | ProxyError::V1(_)
+        | ProxyError::V2(_)
+        | ProxyError::TooLong { .. }
+        | ProxyError::Closed { .. }
+        | ProxyError::Io(_) => Some(ProxyRejected::Malformed),
+    }
+}
+
+/// The client's and the local address of the connection: the header's when it names a
+/// client, the socket's for LOCAL and unknown families.
+pub fn addresses(
+    header: ProxyHeader,
+    peer: SocketAddr,
+    local: SocketAddr,
+) -> (SocketAddr, SocketAddr) {
+    match header {
+        ProxyHeader::Proxied {
+            source,
+            destination,
+        } => (source, destination),
+        ProxyHeader::Local => (peer, local),
+    }
+}
+
+/// Reads one header from `tcp`, leaving every byte after it in the socket. Unbounded in
+/// time: the caller puts a deadline on it.
+pub async fn read_header(tcp: &mut TcpStream) -> Result<ProxyHeader, ProxyError> {
+    // Header bytes consumed so far, then the bytes peeked behind them.
+    let mut seen: Vec<u8> = Vec::with_capacity(MAX_HEADER_LEN);
+    let mut peeked = vec![0u8; MAX_HEADER_LEN];
+    loop {
+        let consumed = seen.len();
+        let room = MAX_HEADER_LEN - consumed;
+        if room == 0 {
+            // `scan` refuses a header before it grows this long; this only keeps the loop
+            // bounded should that ever change.
+            return Err(ProxyError::TooLong {
+                max: MAX_HEADER_LEN,
+            });
+        }
+        let n = tcp.peek(&mut peeked[..room]).await?;
+        if n == 0 {
+            return Err(ProxyError::Closed { received: consumed });
+        }
+        seen.extend_from_slice(&peeked[..n]);
+        // Consume the header's bytes among those peeked, no more. Incomplete means all of
+        // them are header; taking them is what makes the next peek wait for new bytes
+        // instead of returning the same ones at once.
+        let (result, take) = match scan(&seen)? {
+            Scan::Complete { header, len } => (Some(header), len - consumed),
+            Scan::Incomplete => (None, n),
+        };
+        // The bytes are in the socket already (just peeked), so this does not wait.
+        tcp.read_exact(&mut peeked[..take]).await?;
+        if let Some(header) = result {
+            return Ok(header);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        client.set_nodelay(true).unwrap();
+        (client, server)
+    }
+
+    /// Writes `bytes` in pieces of `size`, each its own segment, while the server reads.
+    async fn header_in_pieces(bytes: &[u8], size: usize) -> (ProxyHeader, Vec<u8>) {
+        let (mut client, mut server) = pair().await;
+        let bytes = bytes.to_vec();
+        let writer = tokio::spawn(async move {
+            for piece in bytes.chunks(size) {
+                client.write_all(piece).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            client.shutdown().await.unwrap();
+        });
+        let header = read_header(&mut server).await.unwrap();
+        let mut rest = Vec::new();
+        server.read_to_end(&mut rest).await.unwrap();
+        writer.await.unwrap();
+        (header, rest)
+    }
+
+    #[tokio::test]
+    async fn bytes_after_the_header_stay_in_the_socket() {
+        let v1 = b"PROXY TCP4 203.0.113.7 10.0.0.1 51234 143\r\n".to_vec();
+        let mut v2 = crate::proto::proxy::V2_SIGNATURE.to_vec();
+        v2.extend_from_slice(&[0x21, 0x11, 0, 12, 203, 0, 113, 7, 10, 0, 0, 1]);
+        v2.extend_from_slice(&[0xc8, 0x22, 0, 143]);
+        let after = b"a1 CAPABILITY\r\n";
+        for header in [v1, v2] {
+            let mut bytes = header.clone();
+            bytes.extend_from_slice(after);
+            for size in [1, 2, 7, 16, header.len(), bytes.len()] {
+                let (got, rest) = header_in_pieces(&bytes, size).await;
+                assert_eq!(
+                    got,
+                    ProxyHeader::Proxied {
+                        source: "203.0.113.7:51234".parse().unwrap(),
+                        destination: "10.0.0.1:143".parse().unwrap(),
+                    }
+                );
+                assert_eq!(rest, after, "pieces of {size}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn garbage_and_early_close_are_errors() {
+        let (mut client, mut server) = pair().await;
+        client.write_all(b"a1 LOGIN alice pw\r\n").await.unwrap();
+        assert!(matches!(
+            read_header(&mut server).await,
+            Err(ProxyError::NotProxy)
+        ));
+        let (mut client, mut server) = pair().await;
+        client.write_all(b"PROXY TCP4 1.2").await.unwrap();
+        drop(client);
+        assert!(matches!(
+            read_header(&mut server).await,
+            Err(ProxyError::Closed { received: 14 })
+        ));
+        let (client, mut server) = pair().await;
+        drop(client);
+        let e = read_header(&mut server).await.unwrap_err();
+        assert!(matches!(e, ProxyError::Closed { received: 0 }));
+        assert_eq!(rejected_reason(&e), None);
+    }
+
+    #[test]
+    fn trust_is_by_socket_peer() {
+        let policy = ProxyPolicy {
+            trusted: vec!["10.0.0.0/8".parse().unwrap()],
+        };
+        assert!(policy.check_peer("10.1.2.3:5000".parse().unwrap()).is_ok());
+        assert!(
+            policy
+                .check_peer("[::ffff:10.1.2.3]:5000".parse().unwrap())
+                .is_ok()
+        );
+        let e = policy
+            .check_peer("127.0.0.1:5000".parse().unwrap())
+            .unwrap_err();
+        assert_eq!(rejected_reason(&e), Some(ProxyRejected::Untrusted));
+    }
+}
