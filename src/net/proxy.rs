@@ -89,10 +89,14 @@ pub async fn read_header(tcp: &mut TcpStream) -> Result<ProxyHeader, ProxyError>
                 max: MAX_HEADER_LEN,
             });
         }
-        let n = tcp.peek(&mut peeked[..room]).await?;
-        if n == 0 {
-            return Err(ProxyError::Closed { received: consumed });
-        }
+        let n = match tcp.peek(&mut peeked[..room]).await {
+            Ok(0) => return Err(ProxyError::Closed { received: consumed }),
+            Ok(n) => n,
+            // A reset is a close too: HAProxy ends its plain TCP health checks with an RST
+            // (to spare its own ports TIME_WAIT), and such a check is no bad header.
+            Err(e) if is_reset(&e) => return Err(ProxyError::Closed { received: consumed }),
+            Err(e) => return Err(e.into()),
+        };
         seen.extend_from_slice(&peeked[..n]);
         // Consume the header's bytes among those peeked, no more. Incomplete means all of
         // them are header; taking them is what makes the next peek wait for new bytes
@@ -107,6 +111,13 @@ pub async fn read_header(tcp: &mut TcpStream) -> Result<ProxyHeader, ProxyError>
             return Ok(header);
         }
     }
+}
+
+fn is_reset(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
+    )
 }
 
 #[cfg(test)]
@@ -187,6 +198,32 @@ mod tests {
         let e = read_header(&mut server).await.unwrap_err();
         assert!(matches!(e, ProxyError::Closed { received: 0 }));
         assert_eq!(rejected_reason(&e), None);
+    }
+
+    /// HAProxy closes its TCP health checks with an RST (SO_LINGER 0), not a FIN: the same
+    /// silent health check, not a malformed header.
+    #[tokio::test]
+    async fn a_health_check_closed_by_reset_is_not_counted() {
+        let (client, mut server) = pair().await;
+        client.set_zero_linger().unwrap();
+        drop(client);
+        let e = read_header(&mut server).await.unwrap_err();
+        assert!(matches!(e, ProxyError::Closed { received: 0 }), "{e:?}");
+        assert_eq!(rejected_reason(&e), None);
+        // A reset half way through a header is a header cut short: counted.
+        let (mut client, mut server) = pair().await;
+        client.write_all(b"PROXY TCP4 1.2").await.unwrap();
+        let e = tokio::time::timeout(Duration::from_secs(5), async {
+            // Once the server has the bytes, the reset follows them.
+            while server.peek(&mut [0u8; 14]).await.unwrap() < 14 {}
+            client.set_zero_linger().unwrap();
+            drop(client);
+            read_header(&mut server).await.unwrap_err()
+        })
+        .await
+        .unwrap();
+        assert!(matches!(e, ProxyError::Closed { received: 14 }), "{e:?}");
+        assert_eq!(rejected_reason(&e), Some(ProxyRejected::Malformed));
     }
 
     #[test]
