@@ -226,6 +226,46 @@ mod tests {
         assert_eq!(rejected_reason(&e), Some(ProxyRejected::Malformed));
     }
 
+    /// CPU time this process has used (user and system), from /proc/self/stat.
+    fn cpu_time() -> Duration {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        // USER_HZ, 100 on every Linux architecture the gateway runs on.
+        Duration::from_millis(ticks * 10)
+    }
+
+    /// A peer that sends part of a header and then nothing must cost nothing while it is
+    /// waited for. `peek` returns at once while unread bytes are in the socket, so a reader
+    /// that peeks without consuming what it has seen spins a core until the deadline.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiting_for_the_rest_of_a_header_does_not_spin() {
+        let (mut client, mut server) = pair().await;
+        client.write_all(b"PROXY TCP4 203.0.113.7 ").await.unwrap();
+        let reader = tokio::spawn(async move {
+            tokio::time::timeout(Duration::from_secs(3), read_header(&mut server)).await
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (cpu, wall) = (cpu_time(), std::time::Instant::now());
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let used = cpu_time() - cpu;
+        let elapsed = wall.elapsed();
+        assert!(
+            used < elapsed / 4,
+            "{used:?} of CPU in {elapsed:?} while waiting for the rest of a header"
+        );
+        // The header still completes once the rest arrives.
+        client.write_all(b"10.0.0.1 51234 143\r\n").await.unwrap();
+        let header = reader.await.unwrap().expect("no timeout").unwrap();
+        assert!(matches!(header, ProxyHeader::Proxied { .. }));
+    }
+
     #[test]
     fn trust_is_by_socket_peer() {
         let policy = ProxyPolicy {
