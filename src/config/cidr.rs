@@ -82,6 +82,15 @@ impl FromStr for Cidr {
                 max,
             });
         }
+        // An IPv4-mapped block (`::ffff:10.0.0.0/104`) is the IPv4 block it maps: peers are
+        // matched in their canonical form, so as written it would never hold one.
+        let (addr, prefix) = match addr {
+            IpAddr::V6(a) if prefix >= 96 => match a.to_ipv4_mapped() {
+                Some(v4) => (IpAddr::V4(v4), prefix - 96),
+                None => (addr, prefix),
+            },
+            _ => (addr, prefix),
+        };
         let network = match addr {
             IpAddr::V4(a) => IpAddr::V4((u32::from(a) & mask_v4(prefix)).into()),
             IpAddr::V6(a) => IpAddr::V6((u128::from(a) & mask_v6(prefix)).into()),
@@ -133,6 +142,13 @@ mod tests {
         assert!(all.contains(ip("203.0.113.7")));
         let all6: Cidr = "::/0".parse().unwrap();
         assert!(all6.contains(ip("2001:db8::1")));
+        // Written IPv4-mapped, as one might for a dual-stack listener: the same IPv4 block.
+        let mapped: Cidr = "::ffff:10.0.0.0/104".parse().unwrap();
+        assert_eq!(mapped.to_string(), "10.0.0.0/8");
+        assert!(mapped.contains(ip("::ffff:10.1.2.3")) && mapped.contains(ip("10.1.2.3")));
+        assert!(!mapped.contains(ip("11.0.0.1")));
+        let host: Cidr = "::ffff:192.0.2.1".parse().unwrap();
+        assert!(host.contains(ip("::ffff:192.0.2.1")) && !host.contains(ip("192.0.2.2")));
     }
 
     #[test]
@@ -159,6 +175,8 @@ mod tests {
             Err(CidrError::Prefix { max: 128, .. })
         ));
         let e = "10.1.2.3/8".parse::<Cidr>().unwrap_err();
+        assert!(e.to_string().contains("10.0.0.0/8"), "{e}");
+        let e = "::ffff:10.1.2.3/104".parse::<Cidr>().unwrap_err();
         assert!(e.to_string().contains("10.0.0.0/8"), "{e}");
     }
 }

@@ -89,10 +89,14 @@ pub async fn read_header(tcp: &mut TcpStream) -> Result<ProxyHeader, ProxyError>
                 max: MAX_HEADER_LEN,
             });
         }
-        let n = tcp.peek(&mut peeked[..room]).await?;
-        if n == 0 {
-            return Err(ProxyError::Closed { received: consumed });
-        }
+        let n = match tcp.peek(&mut peeked[..room]).await {
+            Ok(0) => return Err(ProxyError::Closed { received: consumed }),
+            Ok(n) => n,
+            // A reset is a close too: HAProxy ends its plain TCP health checks with an RST
+            // (to spare its own ports TIME_WAIT), and such a check is no bad header.
+            Err(e) if is_reset(&e) => return Err(ProxyError::Closed { received: consumed }),
+            Err(e) => return Err(e.into()),
+        };
         seen.extend_from_slice(&peeked[..n]);
         // Consume the header's bytes among those peeked, no more. Incomplete means all of
         // them are header; taking them is what makes the next peek wait for new bytes
@@ -107,6 +111,13 @@ pub async fn read_header(tcp: &mut TcpStream) -> Result<ProxyHeader, ProxyError>
             return Ok(header);
         }
     }
+}
+
+fn is_reset(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
+    )
 }
 
 #[cfg(test)]
@@ -187,6 +198,72 @@ mod tests {
         let e = read_header(&mut server).await.unwrap_err();
         assert!(matches!(e, ProxyError::Closed { received: 0 }));
         assert_eq!(rejected_reason(&e), None);
+    }
+
+    /// HAProxy closes its TCP health checks with an RST (SO_LINGER 0), not a FIN: the same
+    /// silent health check, not a malformed header.
+    #[tokio::test]
+    async fn a_health_check_closed_by_reset_is_not_counted() {
+        let (client, mut server) = pair().await;
+        client.set_zero_linger().unwrap();
+        drop(client);
+        let e = read_header(&mut server).await.unwrap_err();
+        assert!(matches!(e, ProxyError::Closed { received: 0 }), "{e:?}");
+        assert_eq!(rejected_reason(&e), None);
+        // A reset half way through a header is a header cut short: counted.
+        let (mut client, mut server) = pair().await;
+        client.write_all(b"PROXY TCP4 1.2").await.unwrap();
+        let e = tokio::time::timeout(Duration::from_secs(5), async {
+            // Once the server has the bytes, the reset follows them.
+            while server.peek(&mut [0u8; 14]).await.unwrap() < 14 {}
+            client.set_zero_linger().unwrap();
+            drop(client);
+            read_header(&mut server).await.unwrap_err()
+        })
+        .await
+        .unwrap();
+        assert!(matches!(e, ProxyError::Closed { received: 14 }), "{e:?}");
+        assert_eq!(rejected_reason(&e), Some(ProxyRejected::Malformed));
+    }
+
+    /// CPU time this process has used (user and system), from /proc/self/stat.
+    fn cpu_time() -> Duration {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        // USER_HZ, 100 on every Linux architecture the gateway runs on.
+        Duration::from_millis(ticks * 10)
+    }
+
+    /// A peer that sends part of a header and then nothing must cost nothing while it is
+    /// waited for. `peek` returns at once while unread bytes are in the socket, so a reader
+    /// that peeks without consuming what it has seen spins a core until the deadline.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiting_for_the_rest_of_a_header_does_not_spin() {
+        let (mut client, mut server) = pair().await;
+        client.write_all(b"PROXY TCP4 203.0.113.7 ").await.unwrap();
+        let reader = tokio::spawn(async move {
+            tokio::time::timeout(Duration::from_secs(3), read_header(&mut server)).await
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (cpu, wall) = (cpu_time(), std::time::Instant::now());
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let used = cpu_time() - cpu;
+        let elapsed = wall.elapsed();
+        assert!(
+            used < elapsed / 4,
+            "{used:?} of CPU in {elapsed:?} while waiting for the rest of a header"
+        );
+        // The header still completes once the rest arrives.
+        client.write_all(b"10.0.0.1 51234 143\r\n").await.unwrap();
+        let header = reader.await.unwrap().expect("no timeout").unwrap();
+        assert!(matches!(header, ProxyHeader::Proxied { .. }));
     }
 
     #[test]
