@@ -70,10 +70,10 @@ pub struct Gateway {
 }
 
 /// Seconds since the Unix epoch, for timestamp gauges.
-pub fn unix_now() -> i64 {
+pub fn unix_now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 impl Gateway {

@@ -7,7 +7,8 @@
 //! start-up, so counting a command or a chunk is one atomic add and no hash lookup.
 
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 use thiserror::Error;
 
@@ -182,7 +183,10 @@ pub struct Metrics {
     pub relay: RelayCounters,
     pub routing_generation: IntGauge,
     pub routing_reloads: IntCounterVec,
-    pub routing_last_reload: IntGauge,
+    /// Timestamps in fractional seconds: a reload that fails in the same second as the load
+    /// before it must still read as later.
+    pub routing_last_reload: Gauge,
+    pub routing_last_failure: Gauge,
     pub certificate_reloads: IntCounterVec,
     pub admin_requests: IntCounterVec,
     pub draining: IntGauge,
@@ -211,6 +215,12 @@ fn gauge_vec(
     labels: &[&str],
 ) -> Result<IntGaugeVec, MetricsError> {
     let g = IntGaugeVec::new(Opts::new(name(n), help), labels)?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+fn timestamp_gauge(r: &Registry, n: &str, help: &str) -> Result<Gauge, MetricsError> {
+    let g = Gauge::new(name(n), help)?;
     r.register(Box::new(g.clone()))?;
     Ok(g)
 }
@@ -367,10 +377,16 @@ impl Metrics {
                 "Routing table reloads, by trigger (file, signal, admin) and result.",
                 &["trigger", "result"],
             )?,
-            routing_last_reload: gauge(
+            routing_last_reload: timestamp_gauge(
                 r,
                 "routing_table_last_success_timestamp_seconds",
                 "Unix time of the last successful routing table load.",
+            )?,
+            routing_last_failure: timestamp_gauge(
+                r,
+                "routing_table_last_failure_timestamp_seconds",
+                "Unix time of the last failed routing table reload; 0 if none failed. Later \
+                 than the last success: the table in use is not the one on disk.",
             )?,
             certificate_reloads: counter_vec(
                 r,

@@ -39,6 +39,7 @@ pub fn reload_routes(shared: &Shared, trigger: Trigger) -> Result<Reloaded, Rout
             m.routing_reloads
                 .with_label_values(&[trigger.label(), "failed"])
                 .inc();
+            m.routing_last_failure.set(crate::unix_now());
             tracing::error!(
                 trigger = trigger.label(),
                 error = %e,

@@ -151,6 +151,12 @@ fn routing_reloads(gw: &gateway::TestGateway, trigger: &str, result: &str) -> u6
         .get()
 }
 
+/// The last successful load and the last failed reload, in Unix seconds.
+fn reload_timestamps(gw: &gateway::TestGateway) -> (f64, f64) {
+    let m = &gw.shared.metrics;
+    (m.routing_last_reload.get(), m.routing_last_failure.get())
+}
+
 fn cert_reloads(gw: &gateway::TestGateway, listener: &str, result: &str) -> u64 {
     gw.shared
         .metrics
@@ -269,6 +275,12 @@ async fn a_bad_table_written_in_place_is_refused_and_the_old_one_kept() {
         .await;
         assert_eq!(gw.shared.routes.generation(), 1);
         assert_eq!(login_lands_on(gw.addr, "alice").await, "a");
+        // What the reload-failing alert compares: the failure is later than the last load.
+        let (success, failure) = reload_timestamps(&gw);
+        assert!(
+            failure > success,
+            "failure {failure} not after success {success}"
+        );
     }
 
     std::fs::write(&path, table(&a, &b, &[("alice", "b")])).unwrap();
@@ -277,6 +289,11 @@ async fn a_bad_table_written_in_place_is_refused_and_the_old_one_kept() {
     })
     .await;
     assert_eq!(login_lands_on(gw.addr, "alice").await, "b");
+    let (success, failure) = reload_timestamps(&gw);
+    assert!(
+        success > failure,
+        "success {success} not after failure {failure}"
+    );
     assert_eq!(routing_reloads(&gw, "file", "ok"), 1);
     gw.stop().await;
 }
