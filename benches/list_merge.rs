@@ -21,6 +21,9 @@
 //! - `percent`: `LIST "" %`, ~23 entries: home asked `%`, but each mount is asked for its
 //!   whole subtree, so ~200 mount entries are translated and filtered out.
 //! - `inbox`: `LIST "" INBOX`, the baseline.
+//!
+//! `pattern/*`: `proto::pattern::matches` alone over 403 names (`*`, `%`, `Shared/Team 1*`),
+//! the test the merge runs on every mount entry and mount point.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -261,6 +264,29 @@ fn bench(c: &mut Criterion) {
     ] {
         g.throughput(Throughput::Elements(n as u64));
         g.bench_function(name, |b| b.iter(|| rt.block_on(s.list(pat))));
+    }
+    g.finish();
+
+    // The pattern test the merge runs on every translated mount entry, alone: 403 names.
+    let names: Vec<String> = tree(&["Folder 00", "Folder 01"], 100)
+        .into_iter()
+        .chain((0..200).map(|i| format!("Shared/Team {}/Project {}", i / 10, i % 10)))
+        .collect();
+    let mut g = c.benchmark_group("pattern");
+    g.throughput(Throughput::Elements(names.len() as u64));
+    for (name, pat) in [
+        ("star", "*"),
+        ("percent", "%"),
+        ("prefix", "Shared/Team 1*"),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                names
+                    .iter()
+                    .filter(|n| pattern::matches(pat.as_bytes(), n.as_bytes(), Some(b'/')))
+                    .count()
+            })
+        });
     }
     g.finish();
 }
