@@ -2,8 +2,10 @@
 //! no decoding) so the relay knows where each command and response starts: that is where it
 //! intercepts the few commands it must (RLIST/RLSUB on backends without MAILBOX-REFERRALS,
 //! COMPRESS) and the only place it may inject a response of its own. Everything else passes
-//! through as the bytes that were read, from a buffer allocated once per direction.
+//! through as the bytes that were read, from a buffer a direction holds only while data flows
+//! (see `buf`).
 
+mod buf;
 mod gate;
 pub mod murder;
 mod pending;
@@ -16,16 +18,15 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc};
 
+use self::buf::Buf;
 use self::pending::Pending;
 use crate::metrics::RelayCounters;
 use crate::proto::framer::{FrameError, Framer, HEAD_LEN, Piece};
 use crate::proto::prescan::{CommandName, Prescan, prescan, tag_of};
 use crate::proto::response;
 use crate::shutdown::{Stop, StopReason};
-use crate::stream::Stream;
+use crate::stream::{ReadHalf, Stream};
 
-/// Read buffer per direction. 16 KiB matches a TLS record, so one read is one record.
-const BUF_SIZE: usize = 16 * 1024;
 /// Responses the gateway may queue for a client before the relay stops reading its commands.
 const INJECT_QUEUE: usize = 8;
 /// Tag of the LOGOUT the gateway sends when the client vanished.
@@ -105,15 +106,15 @@ impl Progress {
 /// `client_ahead` are command bytes the client pipelined behind its login; `backend_ahead`
 /// are response bytes the backend sent behind its login answer.
 pub async fn run(
-    client: Stream,
+    mut client: Stream,
     client_ahead: Vec<u8>,
-    backend: Stream,
+    mut backend: Stream,
     backend_ahead: Vec<u8>,
     opts: &RelayOptions,
     ctx: &RelayContext,
 ) -> RelayEnd {
-    let (mut client_r, mut client_w) = tokio::io::split(client);
-    let (mut backend_r, mut backend_w) = tokio::io::split(backend);
+    let (mut client_r, mut client_w) = client.split();
+    let (mut backend_r, mut backend_w) = backend.split();
     let (inject_tx, inject_rx) = mpsc::channel(INJECT_QUEUE);
     let progress = Progress {
         at_boundary: AtomicBool::new(true),
@@ -265,8 +266,8 @@ where
 }
 
 /// Client to backend: forwards command bytes, rewriting or answering the intercepted ones.
-async fn upstream<R, W>(
-    client: &mut R,
+async fn upstream<W>(
+    client: &mut ReadHalf<'_>,
     backend: &mut W,
     ahead: Vec<u8>,
     inject: mpsc::Sender<Vec<u8>>,
@@ -275,12 +276,10 @@ async fn upstream<R, W>(
     ctx: &RelayContext,
 ) -> UpEnd
 where
-    R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut framer = Framer::new(opts.max_command_line, opts.max_literal);
-    let mut buf = vec![0u8; BUF_SIZE.max(ahead.len())];
-    buf[..ahead.len()].copy_from_slice(&ahead);
+    let mut slot = (!ahead.is_empty()).then(|| Buf::with(&ahead));
     let mut filled = ahead.len();
     // The loop below runs for the whole session: do not keep the login-time buffer alive.
     drop(ahead);
@@ -288,94 +287,93 @@ where
     // When set, the current message is swallowed and this answer is sent once it ends.
     let mut swallow: Option<Vec<u8>> = None;
     loop {
-        let mut pos = 0;
-        let mut out_start = 0;
-        while pos < filled {
-            if framer.at_message_start() && !has_head(&buf[pos..filled]) {
-                break; // wait for enough of the command line to see its name
-            }
-            let mut sync_literal = false;
-            let piece = match framer.next(&buf[pos..filled]) {
-                Ok(p) => p,
-                Err(e) => return UpEnd::Frame(e),
-            };
-            let len = match piece {
-                Piece::Line {
-                    len,
-                    first,
-                    literal,
-                    ..
-                } => {
-                    let scanned = if first && swallow.is_none() {
-                        prescan(&buf[pos..filled])
-                    } else {
-                        None
-                    };
-                    if first && swallow.is_none() {
-                        count_command(scanned.as_ref(), &buf[pos..filled], progress, ctx);
-                    }
-                    if let Some(p) = scanned
-                        && let Some(action) = intercept(&p, opts)
-                    {
-                        ctx.counters.intercepted(p.name);
-                        match action {
-                            Action::Rewrite { name, with } => {
-                                let name_start = pos + name.start;
-                                if write(backend, &buf[out_start..name_start]).await.is_err()
-                                    || write(backend, with).await.is_err()
-                                {
-                                    return UpEnd::BackendGone;
+        if let Some(buf) = slot.as_deref_mut() {
+            let mut pos = 0;
+            let mut out_start = 0;
+            while pos < filled {
+                if framer.at_message_start() && !has_head(&buf[pos..filled]) {
+                    break; // wait for enough of the command line to see its name
+                }
+                let mut sync_literal = false;
+                let piece = match framer.next(&buf[pos..filled]) {
+                    Ok(p) => p,
+                    Err(e) => return UpEnd::Frame(e),
+                };
+                let len = match piece {
+                    Piece::Line {
+                        len,
+                        first,
+                        literal,
+                        ..
+                    } => {
+                        let scanned = if first && swallow.is_none() {
+                            prescan(&buf[pos..filled])
+                        } else {
+                            None
+                        };
+                        if first && swallow.is_none() {
+                            count_command(scanned.as_ref(), &buf[pos..filled], progress, ctx);
+                        }
+                        if let Some(p) = scanned
+                            && let Some(action) = intercept(&p, opts)
+                        {
+                            ctx.counters.intercepted(p.name);
+                            match action {
+                                Action::Rewrite { name, with } => {
+                                    let name_start = pos + name.start;
+                                    if write(backend, &buf[out_start..name_start]).await.is_err()
+                                        || write(backend, with).await.is_err()
+                                    {
+                                        return UpEnd::BackendGone;
+                                    }
+                                    out_start = pos + name.end;
                                 }
-                                out_start = pos + name.end;
-                            }
-                            Action::Answer(answer) => {
-                                if write(backend, &buf[out_start..pos]).await.is_err() {
-                                    return UpEnd::BackendGone;
+                                Action::Answer(answer) => {
+                                    if write(backend, &buf[out_start..pos]).await.is_err() {
+                                        return UpEnd::BackendGone;
+                                    }
+                                    // Answered here: the backend never sees it.
+                                    progress.pending().answered(&buf[pos..filled]);
+                                    swallow = Some(answer);
                                 }
-                                // Answered here: the backend never sees it.
-                                progress.pending().answered(&buf[pos..filled]);
-                                swallow = Some(answer);
                             }
                         }
+                        sync_literal = literal.is_some_and(|l| l.sync);
+                        len
                     }
-                    sync_literal = literal.is_some_and(|l| l.sync);
-                    len
-                }
-                Piece::LiteralData { len, .. } => len,
-            };
-            pos += len;
-            if swallow.is_some() {
-                out_start = pos;
-                if framer.at_message_start()
-                    && let Some(answer) = swallow.take()
-                    && inject.send(answer).await.is_err()
-                {
-                    return UpEnd::ClientGone;
-                }
-            } else if sync_literal {
-                // The backend answers the announcing line with `+` or with a refusal; which
-                // one decides whether the client's next bytes are the literal.
-                // Armed before the line goes out, so the answer cannot come first.
-                let armed = tag_of(framer.head()).is_some_and(|tag| progress.gate.arm(tag));
-                if write(backend, &buf[out_start..pos]).await.is_err() {
-                    return UpEnd::BackendGone;
-                }
-                out_start = pos;
-                if armed && progress.gate.verdict().await == gate::Verdict::Refused {
-                    framer.abandon_literal();
+                    Piece::LiteralData { len, .. } => len,
+                };
+                pos += len;
+                if swallow.is_some() {
+                    out_start = pos;
+                    if framer.at_message_start()
+                        && let Some(answer) = swallow.take()
+                        && inject.send(answer).await.is_err()
+                    {
+                        return UpEnd::ClientGone;
+                    }
+                } else if sync_literal {
+                    // The backend answers the announcing line with `+` or with a refusal; which
+                    // one decides whether the client's next bytes are the literal.
+                    // Armed before the line goes out, so the answer cannot come first.
+                    let armed = tag_of(framer.head()).is_some_and(|tag| progress.gate.arm(tag));
+                    if write(backend, &buf[out_start..pos]).await.is_err() {
+                        return UpEnd::BackendGone;
+                    }
+                    out_start = pos;
+                    if armed && progress.gate.verdict().await == gate::Verdict::Refused {
+                        framer.abandon_literal();
+                    }
                 }
             }
+            if out_start < pos && write(backend, &buf[out_start..pos]).await.is_err() {
+                return UpEnd::BackendGone;
+            }
+            // Keep the unprocessed tail (a partial command head) for the next read.
+            buf.copy_within(pos..filled, 0);
+            filled -= pos;
         }
-        if out_start < pos && write(backend, &buf[out_start..pos]).await.is_err() {
-            return UpEnd::BackendGone;
-        }
-        // Keep the unprocessed tail (a partial command head) for the next read.
-        buf.copy_within(pos..filled, 0);
-        filled -= pos;
-        if buf.len() > BUF_SIZE && filled < BUF_SIZE {
-            buf.truncate(BUF_SIZE);
-            buf.shrink_to_fit();
-        }
+        buf::normalize(&mut slot, filled);
         progress
             .at_boundary
             .store(framer.at_message_start() && filled == 0, Ordering::Release);
@@ -383,7 +381,7 @@ where
         // backend (a partial command head still here is dropped with the session).
         let stoppable = framer.at_message_start();
         let read = tokio::select! {
-            r = client.read(&mut buf[filled..]) => r,
+            r = buf::read_into(client, &mut slot, filled) => r,
             _ = ctx.stop.requested(), if stoppable => {
                 progress.parked.store(true, Ordering::Release);
                 progress.parked_notify.notify_one();
@@ -475,8 +473,8 @@ async fn write<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Resul
 
 /// Backend to client: forwards response bytes untouched, noting BYE and response boundaries,
 /// and writes the gateway's own answers between responses.
-async fn downstream<R, W>(
-    backend: &mut R,
+async fn downstream<W>(
+    backend: &mut ReadHalf<'_>,
     client: &mut W,
     ahead: Vec<u8>,
     mut inject: mpsc::Receiver<Vec<u8>>,
@@ -485,12 +483,10 @@ async fn downstream<R, W>(
     ctx: &RelayContext,
 ) -> DownEnd
 where
-    R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut framer = Framer::new(opts.max_backend_line, u64::MAX);
-    let mut buf = vec![0u8; BUF_SIZE.max(ahead.len())];
-    buf[..ahead.len()].copy_from_slice(&ahead);
+    let mut slot = (!ahead.is_empty()).then(|| Buf::with(&ahead));
     let mut filled = ahead.len();
     // The loop below runs for the whole session: do not keep the login-time buffer alive.
     drop(ahead);
@@ -501,7 +497,9 @@ where
     // The backend accepted the outstanding IDLE with `+`.
     let mut idling = false;
     loop {
-        if filled > 0 {
+        if filled > 0
+            && let Some(buf) = slot.as_deref()
+        {
             let mut pos = 0;
             while pos < filled {
                 match framer.next(&buf[pos..filled]) {
@@ -530,10 +528,7 @@ where
             }
             filled = 0;
         }
-        if buf.len() > BUF_SIZE {
-            buf.truncate(BUF_SIZE);
-            buf.shrink_to_fit();
-        }
+        buf::normalize(&mut slot, 0);
         // A client that sent LOGOUT is ending the session itself.
         if stopping
             && progress.parked.load(Ordering::Acquire)
@@ -563,7 +558,7 @@ where
                     None => inject_open = false,
                 }
             }
-            read = backend.read(&mut buf) => match read {
+            read = buf::read_into(backend, &mut slot, 0) => match read {
                 Ok(0) | Err(_) => {
                     return DownEnd::BackendClosed {
                         saw_bye,
