@@ -118,136 +118,66 @@ pub async fn run(
         session_id,
     };
     async move {
-        let stop = registration.stop().clone();
-        let mut preauth = Preauth::new(
-            stream,
+        // The pre-auth dialogue and the backend login run in a future of their own, on the
+        // heap only until the login is answered: the session then keeps only what the relay
+        // needs, and its own future stays the size of the relay's.
+        let login = Box::pin(open(
+            &shared,
             listener,
-            shared.config.limits.clone(),
+            stream,
             deadline,
-            stop.clone(),
-        );
-        if preauth.greet().await.is_err() {
-            return;
-        }
-        let (attempt, route, session) = loop {
-            let attempt = match preauth.next_login().await {
-                Ok(a) => a,
-                Err(end) => {
-                    debug!(reason = end.label(), "ended before login");
-                    return;
-                }
-            };
-            // A kick for this user reaches the session from the login on.
-            registration.set_user(&attempt.user);
-            let started = std::time::Instant::now();
-            let result = login(&shared, &attempt, &client).await;
-            let outcome = match &result {
-                Ok(_) => "ok",
-                Err(LoginFailure::BadCredentials) => "bad_credentials",
-                Err(LoginFailure::Unavailable) => "unavailable",
-            };
-            let m = &shared.metrics;
-            m.logins
-                .with_label_values(&[attempt.mechanism, outcome])
-                .inc();
-            m.login_duration
-                .with_label_values(&[outcome])
-                .observe(started.elapsed().as_secs_f64());
-            match result {
-                Ok((route, session)) => break (attempt, route, session),
-                Err(failure) => {
-                    let (code, text) = match failure {
-                        LoginFailure::BadCredentials => {
-                            ("AUTHENTICATIONFAILED", "Authentication failed.")
-                        }
-                        LoginFailure::Unavailable => (
-                            "UNAVAILABLE",
-                            "Mail server temporarily unavailable, try again later.",
-                        ),
-                    };
-                    if let Err(end) = preauth.reject_login(&attempt.tag, code, text).await {
-                        debug!(reason = end.label(), "ended before login");
-                        return;
-                    }
-                }
-            }
-        };
-        tracing::Span::current().record("backend", route.home.name.as_str());
-        let _active = ActiveGuard::new(
-            shared
-                .metrics
-                .sessions_active
-                .with_label_values(&[route.home.name.as_str()]),
-        );
-        let caps = if route.mounts.is_empty() {
-            capability::post_login(&session.capabilities)
-        } else {
-            capability::post_login_mounts(&session.capabilities)
-        };
-        let answer = status(
-            &attempt.tag,
-            "OK",
-            Some(&format!("CAPABILITY {caps}")),
-            "Logged in",
-        );
-        let Ok((mut client_stream, client_ahead)) = preauth.into_parts() else {
+            &registration,
+            client,
+        ));
+        let Some(open) = login.await else {
             return;
         };
-        if client_stream.write_all(&answer).await.is_err() {
-            return;
-        }
-        info!(
-            mechanism = attempt.mechanism,
-            mounts = route.mounts.len(),
-            "logged in"
-        );
+        let Open {
+            client_stream,
+            client_ahead,
+            backend,
+            route,
+            credentials,
+            active: _active,
+        } = open;
+        let stop = registration.stop();
         let limits = &shared.config.limits;
         let opts = RelayOptions {
             max_command_line: limits.max_command_line,
             max_literal: limits.max_literal,
             max_backend_line: limits.max_backend_line,
             backend_logout: shared.config.timeouts.backend_logout,
-            rewrite_referrals: !capability::has(&session.capabilities, "MAILBOX-REFERRALS"),
+            rewrite_referrals: !capability::has(&backend.capabilities, "MAILBOX-REFERRALS"),
         };
         let ctx = RelayContext {
             stop: stop.clone(),
-            counters: shared.metrics.relay.clone(),
+            counters: Arc::clone(&shared.metrics.relay),
         };
         let relay = async {
-            if route.mounts.is_empty() {
-                drop(attempt);
-                return relay::run(
-                    client_stream,
-                    client_ahead,
-                    session.stream,
-                    session.leftover,
-                    &opts,
-                    &ctx,
-                )
-                .await;
-            }
+            let Some(connector) = credentials else {
+                drop(route);
+                let backend::BackendSession {
+                    stream, leftover, ..
+                } = backend;
+                return relay::run(client_stream, client_ahead, stream, leftover, &opts, &ctx)
+                    .await;
+            };
             // Mounted backends are logged into later, with the same credentials.
-            let connector = MountConnector {
-                shared: Arc::clone(&shared),
-                user: attempt.user.clone(),
-                password: attempt.password.clone(),
-                client,
-            };
-            drop(attempt);
             let home = murder::Connected {
-                stream: session.stream,
-                leftover: session.leftover,
-                capabilities: session.capabilities,
+                stream: backend.stream,
+                leftover: backend.leftover,
+                capabilities: backend.capabilities,
             };
-            murder::run(
+            // Boxed: the multi-backend session's state is large and only such sessions pay.
+            Box::pin(murder::run(
                 client_stream,
                 client_ahead,
-                route.clone(),
+                route,
                 home,
                 &connector,
                 &opts,
                 &ctx,
-            )
+            ))
             .await
         };
         // A session that finds no safe point in time is dropped, sockets and all.
@@ -260,6 +190,135 @@ pub async fn run(
     }
     .instrument(span)
     .await;
+}
+
+/// A logged-in session, ready to relay.
+struct Open {
+    client_stream: Stream,
+    client_ahead: Vec<u8>,
+    backend: backend::BackendSession,
+    route: Route,
+    /// For logging in to mounted backends later; only for a route with mounts.
+    credentials: Option<MountConnector>,
+    active: ActiveGuard,
+}
+
+/// The session up to the client's login answer: pre-auth dialogue, route lookup, backend
+/// login. None when the session ended before that.
+async fn open(
+    shared: &Arc<Shared>,
+    listener: Arc<ListenerCtx>,
+    stream: Stream,
+    deadline: Instant,
+    registration: &SessionGuard,
+    client: ClientInfo,
+) -> Option<Open> {
+    let stop = registration.stop().clone();
+    let mut preauth = Preauth::new(
+        stream,
+        listener,
+        shared.config.limits.clone(),
+        deadline,
+        stop,
+    );
+    if preauth.greet().await.is_err() {
+        return None;
+    }
+    let (attempt, route, session) = loop {
+        let attempt = match preauth.next_login().await {
+            Ok(a) => a,
+            Err(end) => {
+                debug!(reason = end.label(), "ended before login");
+                return None;
+            }
+        };
+        // A kick for this user reaches the session from the login on.
+        registration.set_user(&attempt.user);
+        let started = std::time::Instant::now();
+        let result = login(shared, &attempt, &client).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(LoginFailure::BadCredentials) => "bad_credentials",
+            Err(LoginFailure::Unavailable) => "unavailable",
+        };
+        let m = &shared.metrics;
+        m.logins
+            .with_label_values(&[attempt.mechanism, outcome])
+            .inc();
+        m.login_duration
+            .with_label_values(&[outcome])
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok((route, session)) => break (attempt, route, session),
+            Err(failure) => {
+                let (code, text) = match failure {
+                    LoginFailure::BadCredentials => {
+                        ("AUTHENTICATIONFAILED", "Authentication failed.")
+                    }
+                    LoginFailure::Unavailable => (
+                        "UNAVAILABLE",
+                        "Mail server temporarily unavailable, try again later.",
+                    ),
+                };
+                if let Err(end) = preauth.reject_login(&attempt.tag, code, text).await {
+                    debug!(reason = end.label(), "ended before login");
+                    return None;
+                }
+            }
+        }
+    };
+    tracing::Span::current().record("backend", route.home.name.as_str());
+    let active = ActiveGuard::new(
+        shared
+            .metrics
+            .sessions_active
+            .with_label_values(&[route.home.name.as_str()]),
+    );
+    let caps = if route.mounts.is_empty() {
+        capability::post_login(&session.capabilities)
+    } else {
+        capability::post_login_mounts(&session.capabilities)
+    };
+    let answer = status(
+        &attempt.tag,
+        "OK",
+        Some(&format!("CAPABILITY {caps}")),
+        "Logged in",
+    );
+    drop(caps);
+    let Ok((mut client_stream, client_ahead)) = preauth.into_parts() else {
+        return None;
+    };
+    if client_stream.write_all(&answer).await.is_err() {
+        return None;
+    }
+    info!(
+        mechanism = attempt.mechanism,
+        mounts = route.mounts.len(),
+        "logged in"
+    );
+    let credentials = (!route.mounts.is_empty()).then(|| MountConnector {
+        shared: Arc::clone(shared),
+        user: attempt.user.clone(),
+        password: attempt.password.clone(),
+        client,
+    });
+    let mut backend = session;
+    if credentials.is_none() {
+        // The single-backend relay needs only whether MAILBOX-REFERRALS is there.
+        backend
+            .capabilities
+            .retain(|c| c.eq_ignore_ascii_case("MAILBOX-REFERRALS"));
+        backend.capabilities.shrink_to_fit();
+    }
+    Some(Open {
+        client_stream,
+        client_ahead,
+        backend,
+        route,
+        credentials,
+        active,
+    })
 }
 
 enum LoginFailure {

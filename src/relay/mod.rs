@@ -70,7 +70,7 @@ pub enum RelayEnd {
 #[derive(Clone)]
 pub struct RelayContext {
     pub stop: Stop,
-    pub counters: RelayCounters,
+    pub counters: std::sync::Arc<RelayCounters>,
 }
 
 /// What the two directions of a relay share. Where they stand is tracked for finding a safe
