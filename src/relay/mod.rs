@@ -10,13 +10,14 @@ mod gate;
 pub mod murder;
 mod pending;
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
 use self::buf::Buf;
 use self::pending::Pending;
@@ -93,12 +94,50 @@ struct Progress {
     /// The client-to-backend side stopped at a command boundary because a stop was asked.
     parked: AtomicBool,
     parked_notify: Notify,
+    /// Answers of the gateway's own, queued by the client-to-backend side for the other side
+    /// to write between two responses. Unlike a channel, it costs no allocation until used.
+    inject: Mutex<VecDeque<Vec<u8>>>,
+    /// An answer was queued.
+    injected: Notify,
+    /// The queue has room again.
+    inject_room: Notify,
 }
 
 impl Progress {
     fn pending(&self) -> MutexGuard<'_, Pending> {
         // Nothing panics while holding it; a poisoned lock still holds consistent tags.
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn inject_queue(&self) -> MutexGuard<'_, VecDeque<Vec<u8>>> {
+        self.inject.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues an answer for the client, waiting while [`INJECT_QUEUE`] are queued already.
+    async fn inject(&self, answer: Vec<u8>) {
+        loop {
+            {
+                let mut queue = self.inject_queue();
+                if queue.len() < INJECT_QUEUE {
+                    queue.push_back(answer);
+                    break;
+                }
+            }
+            self.inject_room.notified().await;
+        }
+        self.injected.notify_one();
+    }
+
+    /// The next queued answer, if any.
+    fn injected(&self) -> Option<Vec<u8>> {
+        let mut queue = self.inject_queue();
+        let answer = queue.pop_front()?;
+        if queue.is_empty() {
+            *queue = VecDeque::new();
+        }
+        drop(queue);
+        self.inject_room.notify_one();
+        Some(answer)
     }
 }
 
@@ -115,7 +154,6 @@ pub async fn run(
 ) -> RelayEnd {
     let (mut client_r, mut client_w) = client.split();
     let (mut backend_r, mut backend_w) = backend.split();
-    let (inject_tx, inject_rx) = mpsc::channel(INJECT_QUEUE);
     let progress = Progress {
         at_boundary: AtomicBool::new(true),
         ..Progress::default()
@@ -126,7 +164,6 @@ pub async fn run(
             &mut client_r,
             &mut backend_w,
             client_ahead,
-            inject_tx,
             &progress,
             opts,
             ctx,
@@ -135,7 +172,6 @@ pub async fn run(
             &mut backend_r,
             &mut client_w,
             backend_ahead,
-            inject_rx,
             &progress,
             opts,
             ctx,
@@ -270,7 +306,6 @@ async fn upstream<W>(
     client: &mut ReadHalf<'_>,
     backend: &mut W,
     ahead: Vec<u8>,
-    inject: mpsc::Sender<Vec<u8>>,
     progress: &Progress,
     opts: &RelayOptions,
     ctx: &RelayContext,
@@ -348,9 +383,8 @@ where
                     out_start = pos;
                     if framer.at_message_start()
                         && let Some(answer) = swallow.take()
-                        && inject.send(answer).await.is_err()
                     {
-                        return UpEnd::ClientGone;
+                        progress.inject(answer).await;
                     }
                 } else if sync_literal {
                     // The backend answers the announcing line with `+` or with a refusal; which
@@ -477,7 +511,6 @@ async fn downstream<W>(
     backend: &mut ReadHalf<'_>,
     client: &mut W,
     ahead: Vec<u8>,
-    mut inject: mpsc::Receiver<Vec<u8>>,
     progress: &Progress,
     opts: &RelayOptions,
     ctx: &RelayContext,
@@ -491,7 +524,6 @@ where
     // The loop below runs for the whole session: do not keep the login-time buffer alive.
     drop(ahead);
     let mut saw_bye = false;
-    let mut inject_open = true;
     // Set once a stop is asked; from then on every boundary is checked for a safe point.
     let mut stopping = false;
     // The backend accepted the outstanding IDLE with `+`.
@@ -529,11 +561,18 @@ where
             filled = 0;
         }
         buf::normalize(&mut slot, 0);
+        if framer.at_message_start() {
+            while let Some(answer) = progress.injected() {
+                if client.write_all(&answer).await.is_err() {
+                    return DownEnd::ClientGone;
+                }
+            }
+        }
         // A client that sent LOGOUT is ending the session itself.
         if stopping
             && progress.parked.load(Ordering::Acquire)
             && framer.at_message_start()
-            && inject.is_empty()
+            && progress.inject_queue().is_empty()
             && !progress.logout.load(Ordering::Acquire)
         {
             let pending = progress.pending();
@@ -548,16 +587,8 @@ where
             biased;
             _ = ctx.stop.requested(), if !stopping => stopping = true,
             _ = progress.parked_notify.notified(), if stopping => {}
-            answer = inject.recv(), if inject_open && framer.at_message_start() => {
-                match answer {
-                    Some(answer) => {
-                        if client.write_all(&answer).await.is_err() {
-                            return DownEnd::ClientGone;
-                        }
-                    }
-                    None => inject_open = false,
-                }
-            }
+            // Written at the top of the loop.
+            _ = progress.injected.notified(), if framer.at_message_start() => {}
             read = buf::read_into(backend, &mut slot, 0) => match read {
                 Ok(0) | Err(_) => {
                     return DownEnd::BackendClosed {
