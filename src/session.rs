@@ -89,15 +89,18 @@ pub struct Addresses {
 }
 
 /// Runs one client connection to its end. Never panics on peer input; every outcome is
-/// logged once.
-pub async fn run(
+/// logged once. Ends at once, whatever the stage, when the stop is forced.
+///
+/// The future is made here rather than by an `async fn`: what the session holds while it
+/// relays is all it keeps, not also the arguments it was started with.
+pub fn run(
     shared: Arc<Shared>,
     listener: Arc<ListenerCtx>,
     stream: Stream,
     addrs: Addresses,
     deadline: Instant,
     registration: SessionGuard,
-) {
+) -> impl Future<Output = ()> + Send {
     let Addresses { peer, local, via } = addrs;
     let session_id = shared.session_id();
     let span = tracing::info_span!(
@@ -117,79 +120,88 @@ pub async fn run(
         local,
         session_id,
     };
+    let stop = registration.stop().clone();
+    // The pre-auth dialogue and the backend login run in a future of their own, on the heap
+    // only until the login is answered: the session then keeps only what the relay needs.
+    let login = Box::pin(open(
+        Arc::clone(&shared),
+        listener,
+        stream,
+        deadline,
+        registration,
+        client,
+    ));
     async move {
-        // The pre-auth dialogue and the backend login run in a future of their own, on the
-        // heap only until the login is answered: the session then keeps only what the relay
-        // needs, and its own future stays the size of the relay's.
-        let login = Box::pin(open(
-            &shared,
-            listener,
-            stream,
-            deadline,
-            &registration,
-            client,
-        ));
-        let Some(open) = login.await else {
+        let open = tokio::select! {
+            biased;
+            open = login => open,
+            _ = stop.forced() => None,
+        };
+        let Some(open) = open else {
             return;
         };
-        let Open {
-            client_stream,
-            client_ahead,
-            backend,
-            route,
-            credentials,
-            active: _active,
-        } = open;
-        let stop = registration.stop();
-        let limits = &shared.config.limits;
-        let opts = RelayOptions {
-            max_command_line: limits.max_command_line,
-            max_literal: limits.max_literal,
-            max_backend_line: limits.max_backend_line,
-            backend_logout: shared.config.timeouts.backend_logout,
-            rewrite_referrals: !capability::has(&backend.capabilities, "MAILBOX-REFERRALS"),
-        };
-        let ctx = RelayContext {
-            stop: stop.clone(),
-            counters: Arc::clone(&shared.metrics.relay),
-        };
-        let relay = async {
-            let Some(connector) = credentials else {
-                drop(route);
-                let backend::BackendSession {
-                    stream, leftover, ..
-                } = backend;
-                return relay::run(client_stream, client_ahead, stream, leftover, &opts, &ctx)
-                    .await;
-            };
-            // Mounted backends are logged into later, with the same credentials.
-            let home = murder::Connected {
-                stream: backend.stream,
-                leftover: backend.leftover,
-                capabilities: backend.capabilities,
-            };
-            // Boxed: the multi-backend session's state is large and only such sessions pay.
-            Box::pin(murder::run(
-                client_stream,
-                client_ahead,
-                route,
-                home,
-                &connector,
-                &opts,
-                &ctx,
-            ))
-            .await
-        };
-        // A session that finds no safe point in time is dropped, sockets and all.
-        let end = tokio::select! {
-            end = relay => SessionEnd::from(&end),
-            _ = stop.forced() => SessionEnd::Forced,
-        };
+        let end = relay(open, &shared).await;
         shared.metrics.session_ended(end);
         info!(end = end.label(), "session ended");
     }
     .instrument(span)
-    .await;
+}
+
+/// Relays a logged-in session until it ends, or until the stop is forced.
+async fn relay(open: Open, shared: &Shared) -> SessionEnd {
+    let Open {
+        client_stream,
+        client_ahead,
+        backend,
+        route,
+        credentials,
+        active: _active,
+        registration,
+    } = open;
+    let stop = registration.stop();
+    let limits = &shared.config.limits;
+    let opts = RelayOptions {
+        max_command_line: limits.max_command_line,
+        max_literal: limits.max_literal,
+        max_backend_line: limits.max_backend_line,
+        backend_logout: shared.config.timeouts.backend_logout,
+        rewrite_referrals: !capability::has(&backend.capabilities, "MAILBOX-REFERRALS"),
+    };
+    let ctx = RelayContext {
+        stop: stop.clone(),
+        counters: Arc::clone(&shared.metrics.relay),
+    };
+    let relay = async {
+        let Some(connector) = credentials else {
+            drop(route);
+            let backend::BackendSession {
+                stream, leftover, ..
+            } = backend;
+            return relay::run(client_stream, client_ahead, stream, leftover, &opts, &ctx).await;
+        };
+        // Mounted backends are logged into later, with the same credentials.
+        let home = murder::Connected {
+            stream: backend.stream,
+            leftover: backend.leftover,
+            capabilities: backend.capabilities,
+        };
+        // Boxed: the multi-backend session's state is large and only such sessions pay.
+        Box::pin(murder::run(
+            client_stream,
+            client_ahead,
+            route,
+            home,
+            &connector,
+            &opts,
+            &ctx,
+        ))
+        .await
+    };
+    // A session that finds no safe point in time is dropped, sockets and all.
+    tokio::select! {
+        end = relay => SessionEnd::from(&end),
+        _ = stop.forced() => SessionEnd::Forced,
+    }
 }
 
 /// A logged-in session, ready to relay.
@@ -201,16 +213,18 @@ struct Open {
     /// For logging in to mounted backends later; only for a route with mounts.
     credentials: Option<MountConnector>,
     active: ActiveGuard,
+    /// The session's entry in the registry, and its stop signal.
+    registration: SessionGuard,
 }
 
 /// The session up to the client's login answer: pre-auth dialogue, route lookup, backend
 /// login. None when the session ended before that.
 async fn open(
-    shared: &Arc<Shared>,
+    shared: Arc<Shared>,
     listener: Arc<ListenerCtx>,
     stream: Stream,
     deadline: Instant,
-    registration: &SessionGuard,
+    registration: SessionGuard,
     client: ClientInfo,
 ) -> Option<Open> {
     let stop = registration.stop().clone();
@@ -235,7 +249,7 @@ async fn open(
         // A kick for this user reaches the session from the login on.
         registration.set_user(&attempt.user);
         let started = std::time::Instant::now();
-        let result = login(shared, &attempt, &client).await;
+        let result = login(&shared, &attempt, &client).await;
         let outcome = match &result {
             Ok(_) => "ok",
             Err(LoginFailure::BadCredentials) => "bad_credentials",
@@ -298,7 +312,7 @@ async fn open(
         "logged in"
     );
     let credentials = (!route.mounts.is_empty()).then(|| MountConnector {
-        shared: Arc::clone(shared),
+        shared: Arc::clone(&shared),
         user: attempt.user.clone(),
         password: attempt.password.clone(),
         client,
@@ -318,6 +332,7 @@ async fn open(
         route,
         credentials,
         active,
+        registration,
     })
 }
 

@@ -162,7 +162,6 @@ impl Listener {
             // Registered at once, so a shutdown reaches the connection in every stage,
             // TLS handshake and backend login included.
             let registration = shared.lifecycle.register();
-            let stop = registration.stop().clone();
             let conn = Connection {
                 ctx: Arc::clone(&self.ctx),
                 shared: Arc::clone(&shared),
@@ -174,19 +173,9 @@ impl Listener {
                 implicit_tls: self.implicit_tls,
                 proxy: self.proxy.is_some(),
                 registration,
+                active,
             };
-            tracker.spawn(async move {
-                let _active = active;
-                // Whatever stage the connection is in when the grace period ends, it ends;
-                // a logged-in session notices first and records how it ended.
-                // The connection's future is made here, not captured: a captured future is
-                // kept twice in the task (as captured, and as awaited).
-                tokio::select! {
-                    biased;
-                    _ = conn.run() => {}
-                    _ = stop.forced() => {}
-                }
-            });
+            tracker.spawn(conn.run());
         }
     }
 }
@@ -203,10 +192,54 @@ struct Connection {
     implicit_tls: bool,
     proxy: bool,
     registration: crate::shutdown::SessionGuard,
+    active: ActiveGuard,
+}
+
+/// A connection with its PROXY header read and its TLS handshake done.
+struct Accepted {
+    ctx: Arc<ListenerCtx>,
+    shared: Arc<Shared>,
+    stream: Stream,
+    addrs: session::Addresses,
+    deadline: Instant,
+    registration: crate::shutdown::SessionGuard,
+    active: ActiveGuard,
 }
 
 impl Connection {
-    async fn run(self) {
+    /// The connection's task. Whatever stage the connection is in when the grace period
+    /// ends, it ends (each stage watches for that; a logged-in session records how it ended).
+    ///
+    /// Not an `async fn`: the task's future keeps only the stage it is in, not also the
+    /// connection it was made from (the spawned future is stored once; a future captured by
+    /// another and awaited there is stored twice).
+    fn run(self) -> impl Future<Output = ()> + Send {
+        let stop = self.registration.stop().clone();
+        // Boxed: the PROXY header and TLS handshake states are freed once they are done.
+        let accept = Box::pin(self.accept());
+        async move {
+            let accepted = tokio::select! {
+                biased;
+                accepted = accept => accepted,
+                _ = stop.forced() => None,
+            };
+            let Some(a) = accepted else {
+                return;
+            };
+            let _active = a.active;
+            session::run(
+                a.shared,
+                a.ctx,
+                a.stream,
+                a.addrs,
+                a.deadline,
+                a.registration,
+            )
+            .await;
+        }
+    }
+
+    async fn accept(self) -> Option<Accepted> {
         let Connection {
             ctx,
             shared,
@@ -218,18 +251,14 @@ impl Connection {
             implicit_tls,
             proxy,
             registration,
+            active,
         } = self;
         let counters = &ctx.metrics;
-        // The PROXY header and the TLS handshake are awaited boxed: their state is freed
-        // when they are done instead of staying part of the session's future.
         let (client, local) = if proxy {
             let header_deadline = deadline.min(started + proxy::HEADER_TIMEOUT);
-            let header = Box::pin(tokio::time::timeout_at(
-                header_deadline,
-                proxy::read_header(&mut tcp),
-            ))
-            .await
-            .unwrap_or_else(|_| Err(ProxyError::Timeout(header_deadline - started)));
+            let header = tokio::time::timeout_at(header_deadline, proxy::read_header(&mut tcp))
+                .await
+                .unwrap_or_else(|_| Err(ProxyError::Timeout(header_deadline - started)));
             match header {
                 Ok(header) => proxy::addresses(header, peer, local),
                 Err(e) => {
@@ -237,7 +266,7 @@ impl Connection {
                         counters.proxy_rejected(reason);
                     }
                     debug!(%peer, error = %e, "PROXY header refused");
-                    return;
+                    return None;
                 }
             }
         } else {
@@ -247,10 +276,8 @@ impl Connection {
         let via = (proxy && client != peer).then_some(peer);
         let peer = client;
         let stream = if implicit_tls {
-            let Some(acceptor) = ctx.tls.clone() else {
-                return;
-            };
-            match Box::pin(tokio::time::timeout_at(deadline, acceptor.accept(tcp))).await {
+            let acceptor = ctx.tls.clone()?;
+            match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
                     counters.tls(false, TlsResult::Ok);
                     Stream::Tls(Box::new(tls.into()))
@@ -258,19 +285,26 @@ impl Connection {
                 Ok(Err(e)) => {
                     counters.tls(false, TlsResult::Failed);
                     debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
+                    return None;
                 }
                 Err(_) => {
                     counters.tls(false, TlsResult::Timeout);
                     debug!(%peer, "TLS handshake timed out");
-                    return;
+                    return None;
                 }
             }
         } else {
             Stream::Plain(tcp)
         };
-        let addrs = session::Addresses { peer, local, via };
-        session::run(shared, ctx, stream, addrs, deadline, registration).await;
+        Some(Accepted {
+            ctx,
+            shared,
+            stream,
+            addrs: session::Addresses { peer, local, via },
+            deadline,
+            registration,
+            active,
+        })
     }
 }
 
