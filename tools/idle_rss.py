@@ -233,6 +233,24 @@ async def worker(port, base, users):
         w.close()
 
 
+def gateway_pid(wrapper, root):
+    """The gateway's pid: `wrapper` itself, or its process group's member running our config."""
+    conf = f"{root}/gateway.toml".encode()
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == wrapper:
+            continue
+        try:
+            if os.getpgid(int(d)) != wrapper:
+                continue
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if conf in args and not any(b"heaptrack" in a or b"valgrind" in a for a in args):
+            return int(d)
+    return wrapper
+
+
 # --- main --------------------------------------------------------------------------------
 
 def settle(pid, seconds):
@@ -256,7 +274,7 @@ def main():
     ap.add_argument("--dovecot-extra", default="", help="appended to dovecot.conf")
     ap.add_argument("--wrap", default="",
                     help="run the gateway under this, e.g. 'heaptrack -o /tmp/ht' "
-                         "(the RSS printed is then the wrapper's)")
+                         "(RSS then includes the profiler's overhead)")
     ap.add_argument("--hold", type=float, default=0, help="seconds to hold the last step")
     ap.add_argument("--worker", nargs=3, type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -271,8 +289,9 @@ def main():
     workers = []
     try:
         gateway, gport = start_gateway(root, os.path.abspath(args.gateway), dport, args.wrap.split())
-        before = settle(gateway.pid, 1)
-        print(f"gateway pid {gateway.pid}, before: {before}", flush=True)
+        pid = gateway_pid(gateway.pid, root)
+        before = settle(pid, 1)
+        print(f"gateway pid {pid}, before: {before}", flush=True)
         total = 0
         prev_rss = before["VmRSS"]
         prev_total = 0
@@ -295,7 +314,7 @@ def main():
                 workers[-1][1] += add
                 total += add
             opened = time.time() - t0
-            now = settle(gateway.pid, 8)
+            now = settle(pid, 8)
             per = (now["VmRSS"] - before["VmRSS"]) / total
             marginal = (now["VmRSS"] - prev_rss) / (total - prev_total)
             print(f"C={total}: VmRSS {now['VmRSS']} KiB (anon {now['RssAnon']}), "
@@ -317,10 +336,11 @@ def main():
             except subprocess.TimeoutExpired:
                 p.kill()
         if gateway:
-            # The whole group: with --wrap the gateway is a child of the wrapper.
-            os.killpg(gateway.pid, signal.SIGTERM)
+            # The gateway itself: with --wrap it is a child of the wrapper, which must live
+            # on to write its results.
+            os.kill(gateway_pid(gateway.pid, root), signal.SIGTERM)
             try:
-                gateway.wait(timeout=30)
+                gateway.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 os.killpg(gateway.pid, signal.SIGKILL)
         os.killpg(dovecot.pid, signal.SIGTERM)
