@@ -6,6 +6,8 @@
 //! an address is never a label. Counters on the relay's hot path are resolved once, at
 //! start-up, so counting a command or a chunk is one atomic add and no hash lookup.
 
+use std::sync::Arc;
+
 use prometheus::{
     Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry,
@@ -180,7 +182,7 @@ pub struct Metrics {
     pub backend_connect_failures: IntCounterVec,
     pub sessions_active: IntGaugeVec,
     pub sessions_ended: IntCounterVec,
-    pub relay: RelayCounters,
+    pub relay: Arc<RelayCounters>,
     pub routing_generation: IntGauge,
     pub routing_reloads: IntCounterVec,
     /// Timestamps in fractional seconds: a reload that fails in the same second as the load
@@ -353,7 +355,7 @@ impl Metrics {
                 "Logged-in sessions ended, by reason.",
                 &["reason"],
             )?,
-            relay: RelayCounters {
+            relay: Arc::new(RelayCounters {
                 client_to_backend: relayed.with_label_values(&["client_to_backend"]),
                 backend_to_client: relayed.with_label_values(&["backend_to_client"]),
                 commands,
@@ -365,7 +367,7 @@ impl Metrics {
                      could not be reached.",
                 )?,
                 cross_copies: ["ok", "failed"].map(|result| copies.with_label_values(&[result])),
-            },
+            }),
             routing_generation: gauge(
                 r,
                 "routing_table_generation",

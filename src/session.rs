@@ -89,15 +89,18 @@ pub struct Addresses {
 }
 
 /// Runs one client connection to its end. Never panics on peer input; every outcome is
-/// logged once.
-pub async fn run(
+/// logged once. Ends at once, whatever the stage, when the stop is forced.
+///
+/// The future is made here rather than by an `async fn`: what the session holds while it
+/// relays is all it keeps, not also the arguments it was started with.
+pub fn run(
     shared: Arc<Shared>,
     listener: Arc<ListenerCtx>,
     stream: Stream,
     addrs: Addresses,
     deadline: Instant,
     registration: SessionGuard,
-) {
+) -> impl Future<Output = ()> + Send {
     let Addresses { peer, local, via } = addrs;
     let session_id = shared.session_id();
     let span = tracing::info_span!(
@@ -117,149 +120,220 @@ pub async fn run(
         local,
         session_id,
     };
+    let stop = registration.stop().clone();
+    // The pre-auth dialogue and the backend login run in a future of their own, on the heap
+    // only until the login is answered: the session then keeps only what the relay needs.
+    let login = Box::pin(open(
+        Arc::clone(&shared),
+        listener,
+        stream,
+        deadline,
+        registration,
+        client,
+    ));
     async move {
-        let stop = registration.stop().clone();
-        let mut preauth = Preauth::new(
-            stream,
-            listener,
-            shared.config.limits.clone(),
-            deadline,
-            stop.clone(),
-        );
-        if preauth.greet().await.is_err() {
-            return;
-        }
-        let (attempt, route, session) = loop {
-            let attempt = match preauth.next_login().await {
-                Ok(a) => a,
-                Err(end) => {
-                    debug!(reason = end.label(), "ended before login");
-                    return;
-                }
-            };
-            // A kick for this user reaches the session from the login on.
-            registration.set_user(&attempt.user);
-            let started = std::time::Instant::now();
-            let result = login(&shared, &attempt, &client).await;
-            let outcome = match &result {
-                Ok(_) => "ok",
-                Err(LoginFailure::BadCredentials) => "bad_credentials",
-                Err(LoginFailure::Unavailable) => "unavailable",
-            };
-            let m = &shared.metrics;
-            m.logins
-                .with_label_values(&[attempt.mechanism, outcome])
-                .inc();
-            m.login_duration
-                .with_label_values(&[outcome])
-                .observe(started.elapsed().as_secs_f64());
-            match result {
-                Ok((route, session)) => break (attempt, route, session),
-                Err(failure) => {
-                    let (code, text) = match failure {
-                        LoginFailure::BadCredentials => {
-                            ("AUTHENTICATIONFAILED", "Authentication failed.")
-                        }
-                        LoginFailure::Unavailable => (
-                            "UNAVAILABLE",
-                            "Mail server temporarily unavailable, try again later.",
-                        ),
-                    };
-                    if let Err(end) = preauth.reject_login(&attempt.tag, code, text).await {
-                        debug!(reason = end.label(), "ended before login");
-                        return;
-                    }
-                }
-            }
+        let open = tokio::select! {
+            biased;
+            open = login => open,
+            _ = stop.forced() => None,
         };
-        tracing::Span::current().record("backend", route.home.name.as_str());
-        let _active = ActiveGuard::new(
-            shared
-                .metrics
-                .sessions_active
-                .with_label_values(&[route.home.name.as_str()]),
-        );
-        let caps = if route.mounts.is_empty() {
-            capability::post_login(&session.capabilities)
-        } else {
-            capability::post_login_mounts(&session.capabilities)
-        };
-        let answer = status(
-            &attempt.tag,
-            "OK",
-            Some(&format!("CAPABILITY {caps}")),
-            "Logged in",
-        );
-        let Ok((mut client_stream, client_ahead)) = preauth.into_parts() else {
+        let Some(open) = open else {
             return;
         };
-        if client_stream.write_all(&answer).await.is_err() {
-            return;
-        }
-        info!(
-            mechanism = attempt.mechanism,
-            mounts = route.mounts.len(),
-            "logged in"
-        );
-        let limits = &shared.config.limits;
-        let opts = RelayOptions {
-            max_command_line: limits.max_command_line,
-            max_literal: limits.max_literal,
-            max_backend_line: limits.max_backend_line,
-            backend_logout: shared.config.timeouts.backend_logout,
-            rewrite_referrals: !capability::has(&session.capabilities, "MAILBOX-REFERRALS"),
-        };
-        let ctx = RelayContext {
-            stop: stop.clone(),
-            counters: shared.metrics.relay.clone(),
-        };
-        let relay = async {
-            if route.mounts.is_empty() {
-                drop(attempt);
-                return relay::run(
-                    client_stream,
-                    client_ahead,
-                    session.stream,
-                    session.leftover,
-                    &opts,
-                    &ctx,
-                )
-                .await;
-            }
-            // Mounted backends are logged into later, with the same credentials.
-            let connector = MountConnector {
-                shared: Arc::clone(&shared),
-                user: attempt.user.clone(),
-                password: attempt.password.clone(),
-                client,
-            };
-            drop(attempt);
-            let home = murder::Connected {
-                stream: session.stream,
-                leftover: session.leftover,
-                capabilities: session.capabilities,
-            };
-            murder::run(
-                client_stream,
-                client_ahead,
-                route.clone(),
-                home,
-                &connector,
-                &opts,
-                &ctx,
-            )
-            .await
-        };
-        // A session that finds no safe point in time is dropped, sockets and all.
-        let end = tokio::select! {
-            end = relay => SessionEnd::from(&end),
-            _ = stop.forced() => SessionEnd::Forced,
-        };
+        let end = relay(open, &shared).await;
         shared.metrics.session_ended(end);
         info!(end = end.label(), "session ended");
     }
     .instrument(span)
-    .await;
+}
+
+/// Relays a logged-in session until it ends, or until the stop is forced.
+async fn relay(open: Open, shared: &Shared) -> SessionEnd {
+    let Open {
+        client_stream,
+        client_ahead,
+        backend,
+        route,
+        credentials,
+        active: _active,
+        registration,
+    } = open;
+    let stop = registration.stop();
+    let limits = &shared.config.limits;
+    let opts = RelayOptions {
+        max_command_line: limits.max_command_line,
+        max_literal: limits.max_literal,
+        max_backend_line: limits.max_backend_line,
+        backend_logout: shared.config.timeouts.backend_logout,
+        rewrite_referrals: !capability::has(&backend.capabilities, "MAILBOX-REFERRALS"),
+    };
+    let ctx = RelayContext {
+        stop: stop.clone(),
+        counters: Arc::clone(&shared.metrics.relay),
+    };
+    let relay = async {
+        let Some(connector) = credentials else {
+            drop(route);
+            let backend::BackendSession {
+                stream, leftover, ..
+            } = backend;
+            return relay::run(client_stream, client_ahead, stream, leftover, &opts, &ctx).await;
+        };
+        // Mounted backends are logged into later, with the same credentials.
+        let home = murder::Connected {
+            stream: backend.stream,
+            leftover: backend.leftover,
+            capabilities: backend.capabilities,
+        };
+        // Boxed: the multi-backend session's state is large and only such sessions pay.
+        Box::pin(murder::run(
+            client_stream,
+            client_ahead,
+            route,
+            home,
+            &connector,
+            &opts,
+            &ctx,
+        ))
+        .await
+    };
+    // A session that finds no safe point in time is dropped, sockets and all.
+    tokio::select! {
+        end = relay => SessionEnd::from(&end),
+        _ = stop.forced() => SessionEnd::Forced,
+    }
+}
+
+/// A logged-in session, ready to relay.
+struct Open {
+    client_stream: Stream,
+    client_ahead: Vec<u8>,
+    backend: backend::BackendSession,
+    route: Route,
+    /// For logging in to mounted backends later; only for a route with mounts.
+    credentials: Option<MountConnector>,
+    active: ActiveGuard,
+    /// The session's entry in the registry, and its stop signal.
+    registration: SessionGuard,
+}
+
+/// The session up to the client's login answer: pre-auth dialogue, route lookup, backend
+/// login. None when the session ended before that.
+async fn open(
+    shared: Arc<Shared>,
+    listener: Arc<ListenerCtx>,
+    stream: Stream,
+    deadline: Instant,
+    registration: SessionGuard,
+    client: ClientInfo,
+) -> Option<Open> {
+    let stop = registration.stop().clone();
+    let mut preauth = Preauth::new(
+        stream,
+        listener,
+        shared.config.limits.clone(),
+        deadline,
+        stop,
+    );
+    if preauth.greet().await.is_err() {
+        return None;
+    }
+    let (attempt, route, session) = loop {
+        let attempt = match preauth.next_login().await {
+            Ok(a) => a,
+            Err(end) => {
+                debug!(reason = end.label(), "ended before login");
+                return None;
+            }
+        };
+        // A kick for this user reaches the session from the login on.
+        registration.set_user(&attempt.user);
+        let started = std::time::Instant::now();
+        let result = login(&shared, &attempt, &client).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(LoginFailure::BadCredentials) => "bad_credentials",
+            Err(LoginFailure::Unavailable) => "unavailable",
+        };
+        let m = &shared.metrics;
+        m.logins
+            .with_label_values(&[attempt.mechanism, outcome])
+            .inc();
+        m.login_duration
+            .with_label_values(&[outcome])
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok((route, session)) => break (attempt, route, session),
+            Err(failure) => {
+                let (code, text) = match failure {
+                    LoginFailure::BadCredentials => {
+                        ("AUTHENTICATIONFAILED", "Authentication failed.")
+                    }
+                    LoginFailure::Unavailable => (
+                        "UNAVAILABLE",
+                        "Mail server temporarily unavailable, try again later.",
+                    ),
+                };
+                if let Err(end) = preauth.reject_login(&attempt.tag, code, text).await {
+                    debug!(reason = end.label(), "ended before login");
+                    return None;
+                }
+            }
+        }
+    };
+    tracing::Span::current().record("backend", route.home.name.as_str());
+    let active = ActiveGuard::new(
+        shared
+            .metrics
+            .sessions_active
+            .with_label_values(&[route.home.name.as_str()]),
+    );
+    let caps = if route.mounts.is_empty() {
+        capability::post_login(&session.capabilities)
+    } else {
+        capability::post_login_mounts(&session.capabilities)
+    };
+    let answer = status(
+        &attempt.tag,
+        "OK",
+        Some(&format!("CAPABILITY {caps}")),
+        "Logged in",
+    );
+    drop(caps);
+    let Ok((mut client_stream, client_ahead)) = preauth.into_parts() else {
+        return None;
+    };
+    if client_stream.write_all(&answer).await.is_err() {
+        return None;
+    }
+    info!(
+        mechanism = attempt.mechanism,
+        mounts = route.mounts.len(),
+        "logged in"
+    );
+    let credentials = (!route.mounts.is_empty()).then(|| MountConnector {
+        shared: Arc::clone(&shared),
+        user: attempt.user.clone(),
+        password: attempt.password.clone(),
+        client,
+    });
+    let mut backend = session;
+    if credentials.is_none() {
+        // The single-backend relay needs only whether MAILBOX-REFERRALS is there.
+        backend
+            .capabilities
+            .retain(|c| c.eq_ignore_ascii_case("MAILBOX-REFERRALS"));
+        backend.capabilities.shrink_to_fit();
+    }
+    Some(Open {
+        client_stream,
+        client_ahead,
+        backend,
+        route,
+        credentials,
+        active,
+        registration,
+    })
 }
 
 enum LoginFailure {

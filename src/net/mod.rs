@@ -159,78 +159,152 @@ impl Listener {
             let local = tcp.local_addr().unwrap_or(peer);
             let started = Instant::now();
             let deadline = started + shared.config.timeouts.preauth;
-            let ctx = Arc::clone(&self.ctx);
-            let shared = Arc::clone(&shared);
-            let implicit_tls = self.implicit_tls;
-            let proxy = self.proxy.is_some();
             // Registered at once, so a shutdown reaches the connection in every stage,
             // TLS handshake and backend login included.
             let registration = shared.lifecycle.register();
-            let stop = registration.stop().clone();
-            let connection = async move {
-                let counters = &ctx.metrics;
-                let mut tcp = tcp;
-                let (client, local) = if proxy {
-                    let header_deadline = deadline.min(started + proxy::HEADER_TIMEOUT);
-                    let header =
-                        tokio::time::timeout_at(header_deadline, proxy::read_header(&mut tcp))
-                            .await
-                            .unwrap_or_else(|_| {
-                                Err(ProxyError::Timeout(header_deadline - started))
-                            });
-                    match header {
-                        Ok(header) => proxy::addresses(header, peer, local),
-                        Err(e) => {
-                            if let Some(reason) = proxy::rejected_reason(&e) {
-                                counters.proxy_rejected(reason);
-                            }
-                            debug!(%peer, error = %e, "PROXY header refused");
-                            return;
-                        }
-                    }
-                } else {
-                    (peer, local)
-                };
-                // The load balancer's address, logged next to the client's it spoke for.
-                let via = (proxy && client != peer).then_some(peer);
-                let peer = client;
-                let stream = if implicit_tls {
-                    let Some(acceptor) = ctx.tls.clone() else {
-                        return;
-                    };
-                    match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => {
-                            counters.tls(false, TlsResult::Ok);
-                            Stream::Tls(Box::new(tls.into()))
-                        }
-                        Ok(Err(e)) => {
-                            counters.tls(false, TlsResult::Failed);
-                            debug!(%peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            counters.tls(false, TlsResult::Timeout);
-                            debug!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    }
-                } else {
-                    Stream::Plain(tcp)
-                };
-                let addrs = session::Addresses { peer, local, via };
-                session::run(shared, ctx, stream, addrs, deadline, registration).await;
+            let conn = Connection {
+                ctx: Arc::clone(&self.ctx),
+                shared: Arc::clone(&shared),
+                tcp,
+                peer,
+                local,
+                started,
+                deadline,
+                implicit_tls: self.implicit_tls,
+                proxy: self.proxy.is_some(),
+                registration,
+                active,
             };
-            tracker.spawn(async move {
-                let _active = active;
-                // Whatever stage the connection is in when the grace period ends, it ends;
-                // a logged-in session notices first and records how it ended.
-                tokio::select! {
-                    biased;
-                    _ = connection => {}
-                    _ = stop.forced() => {}
-                }
-            });
+            tracker.spawn(conn.run());
         }
+    }
+}
+
+/// An accepted connection, before its PROXY header, TLS handshake and session.
+struct Connection {
+    ctx: Arc<ListenerCtx>,
+    shared: Arc<Shared>,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    started: Instant,
+    deadline: Instant,
+    implicit_tls: bool,
+    proxy: bool,
+    registration: crate::shutdown::SessionGuard,
+    active: ActiveGuard,
+}
+
+/// A connection with its PROXY header read and its TLS handshake done.
+struct Accepted {
+    ctx: Arc<ListenerCtx>,
+    shared: Arc<Shared>,
+    stream: Stream,
+    addrs: session::Addresses,
+    deadline: Instant,
+    registration: crate::shutdown::SessionGuard,
+    active: ActiveGuard,
+}
+
+impl Connection {
+    /// The connection's task. Whatever stage the connection is in when the grace period
+    /// ends, it ends (each stage watches for that; a logged-in session records how it ended).
+    ///
+    /// Not an `async fn`: the task's future keeps only the stage it is in, not also the
+    /// connection it was made from (the spawned future is stored once; a future captured by
+    /// another and awaited there is stored twice).
+    fn run(self) -> impl Future<Output = ()> + Send {
+        let stop = self.registration.stop().clone();
+        // Boxed: the PROXY header and TLS handshake states are freed once they are done.
+        let accept = Box::pin(self.accept());
+        async move {
+            let accepted = tokio::select! {
+                biased;
+                accepted = accept => accepted,
+                _ = stop.forced() => None,
+            };
+            let Some(a) = accepted else {
+                return;
+            };
+            let _active = a.active;
+            session::run(
+                a.shared,
+                a.ctx,
+                a.stream,
+                a.addrs,
+                a.deadline,
+                a.registration,
+            )
+            .await;
+        }
+    }
+
+    async fn accept(self) -> Option<Accepted> {
+        let Connection {
+            ctx,
+            shared,
+            mut tcp,
+            peer,
+            local,
+            started,
+            deadline,
+            implicit_tls,
+            proxy,
+            registration,
+            active,
+        } = self;
+        let counters = &ctx.metrics;
+        let (client, local) = if proxy {
+            let header_deadline = deadline.min(started + proxy::HEADER_TIMEOUT);
+            let header = tokio::time::timeout_at(header_deadline, proxy::read_header(&mut tcp))
+                .await
+                .unwrap_or_else(|_| Err(ProxyError::Timeout(header_deadline - started)));
+            match header {
+                Ok(header) => proxy::addresses(header, peer, local),
+                Err(e) => {
+                    if let Some(reason) = proxy::rejected_reason(&e) {
+                        counters.proxy_rejected(reason);
+                    }
+                    debug!(%peer, error = %e, "PROXY header refused");
+                    return None;
+                }
+            }
+        } else {
+            (peer, local)
+        };
+        // The load balancer's address, logged next to the client's it spoke for.
+        let via = (proxy && client != peer).then_some(peer);
+        let peer = client;
+        let stream = if implicit_tls {
+            let acceptor = ctx.tls.clone()?;
+            match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => {
+                    counters.tls(false, TlsResult::Ok);
+                    Stream::Tls(Box::new(tls.into()))
+                }
+                Ok(Err(e)) => {
+                    counters.tls(false, TlsResult::Failed);
+                    debug!(%peer, error = %e, "TLS handshake failed");
+                    return None;
+                }
+                Err(_) => {
+                    counters.tls(false, TlsResult::Timeout);
+                    debug!(%peer, "TLS handshake timed out");
+                    return None;
+                }
+            }
+        } else {
+            Stream::Plain(tcp)
+        };
+        Some(Accepted {
+            ctx,
+            shared,
+            stream,
+            addrs: session::Addresses { peer, local, via },
+            deadline,
+            registration,
+            active,
+        })
     }
 }
 

@@ -2,30 +2,32 @@
 //! no decoding) so the relay knows where each command and response starts: that is where it
 //! intercepts the few commands it must (RLIST/RLSUB on backends without MAILBOX-REFERRALS,
 //! COMPRESS) and the only place it may inject a response of its own. Everything else passes
-//! through as the bytes that were read, from a buffer allocated once per direction.
+//! through as the bytes that were read, from a buffer a direction holds only while data flows
+//! (see `buf`).
 
+mod buf;
 mod gate;
 pub mod murder;
 mod pending;
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
+use self::buf::Buf;
 use self::pending::Pending;
 use crate::metrics::RelayCounters;
 use crate::proto::framer::{FrameError, Framer, HEAD_LEN, Piece};
 use crate::proto::prescan::{CommandName, Prescan, prescan, tag_of};
 use crate::proto::response;
 use crate::shutdown::{Stop, StopReason};
-use crate::stream::Stream;
+use crate::stream::{ReadHalf, Stream};
 
-/// Read buffer per direction. 16 KiB matches a TLS record, so one read is one record.
-const BUF_SIZE: usize = 16 * 1024;
 /// Responses the gateway may queue for a client before the relay stops reading its commands.
 const INJECT_QUEUE: usize = 8;
 /// Tag of the LOGOUT the gateway sends when the client vanished.
@@ -69,7 +71,7 @@ pub enum RelayEnd {
 #[derive(Clone)]
 pub struct RelayContext {
     pub stop: Stop,
-    pub counters: RelayCounters,
+    pub counters: std::sync::Arc<RelayCounters>,
 }
 
 /// What the two directions of a relay share. Where they stand is tracked for finding a safe
@@ -92,6 +94,13 @@ struct Progress {
     /// The client-to-backend side stopped at a command boundary because a stop was asked.
     parked: AtomicBool,
     parked_notify: Notify,
+    /// Answers of the gateway's own, queued by the client-to-backend side for the other side
+    /// to write between two responses. Unlike a channel, it costs no allocation until used.
+    inject: Mutex<VecDeque<Vec<u8>>>,
+    /// An answer was queued.
+    injected: Notify,
+    /// The queue has room again.
+    inject_room: Notify,
 }
 
 impl Progress {
@@ -99,22 +108,52 @@ impl Progress {
         // Nothing panics while holding it; a poisoned lock still holds consistent tags.
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    fn inject_queue(&self) -> MutexGuard<'_, VecDeque<Vec<u8>>> {
+        self.inject.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues an answer for the client, waiting while [`INJECT_QUEUE`] are queued already.
+    async fn inject(&self, answer: Vec<u8>) {
+        loop {
+            {
+                let mut queue = self.inject_queue();
+                if queue.len() < INJECT_QUEUE {
+                    queue.push_back(answer);
+                    break;
+                }
+            }
+            self.inject_room.notified().await;
+        }
+        self.injected.notify_one();
+    }
+
+    /// The next queued answer, if any.
+    fn injected(&self) -> Option<Vec<u8>> {
+        let mut queue = self.inject_queue();
+        let answer = queue.pop_front()?;
+        if queue.is_empty() {
+            *queue = VecDeque::new();
+        }
+        drop(queue);
+        self.inject_room.notify_one();
+        Some(answer)
+    }
 }
 
 /// Relays between a logged-in client and its backend until one side ends.
 /// `client_ahead` are command bytes the client pipelined behind its login; `backend_ahead`
 /// are response bytes the backend sent behind its login answer.
 pub async fn run(
-    client: Stream,
+    mut client: Stream,
     client_ahead: Vec<u8>,
-    backend: Stream,
+    mut backend: Stream,
     backend_ahead: Vec<u8>,
     opts: &RelayOptions,
     ctx: &RelayContext,
 ) -> RelayEnd {
-    let (mut client_r, mut client_w) = tokio::io::split(client);
-    let (mut backend_r, mut backend_w) = tokio::io::split(backend);
-    let (inject_tx, inject_rx) = mpsc::channel(INJECT_QUEUE);
+    let (mut client_r, mut client_w) = client.split();
+    let (mut backend_r, mut backend_w) = backend.split();
     let progress = Progress {
         at_boundary: AtomicBool::new(true),
         ..Progress::default()
@@ -125,7 +164,6 @@ pub async fn run(
             &mut client_r,
             &mut backend_w,
             client_ahead,
-            inject_tx,
             &progress,
             opts,
             ctx,
@@ -134,7 +172,6 @@ pub async fn run(
             &mut backend_r,
             &mut client_w,
             backend_ahead,
-            inject_rx,
             &progress,
             opts,
             ctx,
@@ -265,22 +302,19 @@ where
 }
 
 /// Client to backend: forwards command bytes, rewriting or answering the intercepted ones.
-async fn upstream<R, W>(
-    client: &mut R,
+async fn upstream<W>(
+    client: &mut ReadHalf<'_>,
     backend: &mut W,
     ahead: Vec<u8>,
-    inject: mpsc::Sender<Vec<u8>>,
     progress: &Progress,
     opts: &RelayOptions,
     ctx: &RelayContext,
 ) -> UpEnd
 where
-    R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut framer = Framer::new(opts.max_command_line, opts.max_literal);
-    let mut buf = vec![0u8; BUF_SIZE.max(ahead.len())];
-    buf[..ahead.len()].copy_from_slice(&ahead);
+    let mut slot = (!ahead.is_empty()).then(|| Buf::with(&ahead));
     let mut filled = ahead.len();
     // The loop below runs for the whole session: do not keep the login-time buffer alive.
     drop(ahead);
@@ -288,94 +322,92 @@ where
     // When set, the current message is swallowed and this answer is sent once it ends.
     let mut swallow: Option<Vec<u8>> = None;
     loop {
-        let mut pos = 0;
-        let mut out_start = 0;
-        while pos < filled {
-            if framer.at_message_start() && !has_head(&buf[pos..filled]) {
-                break; // wait for enough of the command line to see its name
-            }
-            let mut sync_literal = false;
-            let piece = match framer.next(&buf[pos..filled]) {
-                Ok(p) => p,
-                Err(e) => return UpEnd::Frame(e),
-            };
-            let len = match piece {
-                Piece::Line {
-                    len,
-                    first,
-                    literal,
-                    ..
-                } => {
-                    let scanned = if first && swallow.is_none() {
-                        prescan(&buf[pos..filled])
-                    } else {
-                        None
-                    };
-                    if first && swallow.is_none() {
-                        count_command(scanned.as_ref(), &buf[pos..filled], progress, ctx);
-                    }
-                    if let Some(p) = scanned
-                        && let Some(action) = intercept(&p, opts)
-                    {
-                        ctx.counters.intercepted(p.name);
-                        match action {
-                            Action::Rewrite { name, with } => {
-                                let name_start = pos + name.start;
-                                if write(backend, &buf[out_start..name_start]).await.is_err()
-                                    || write(backend, with).await.is_err()
-                                {
-                                    return UpEnd::BackendGone;
+        if let Some(buf) = slot.as_deref_mut() {
+            let mut pos = 0;
+            let mut out_start = 0;
+            while pos < filled {
+                if framer.at_message_start() && !has_head(&buf[pos..filled]) {
+                    break; // wait for enough of the command line to see its name
+                }
+                let mut sync_literal = false;
+                let piece = match framer.next(&buf[pos..filled]) {
+                    Ok(p) => p,
+                    Err(e) => return UpEnd::Frame(e),
+                };
+                let len = match piece {
+                    Piece::Line {
+                        len,
+                        first,
+                        literal,
+                        ..
+                    } => {
+                        let scanned = if first && swallow.is_none() {
+                            prescan(&buf[pos..filled])
+                        } else {
+                            None
+                        };
+                        if first && swallow.is_none() {
+                            count_command(scanned.as_ref(), &buf[pos..filled], progress, ctx);
+                        }
+                        if let Some(p) = scanned
+                            && let Some(action) = intercept(&p, opts)
+                        {
+                            ctx.counters.intercepted(p.name);
+                            match action {
+                                Action::Rewrite { name, with } => {
+                                    let name_start = pos + name.start;
+                                    if write(backend, &buf[out_start..name_start]).await.is_err()
+                                        || write(backend, with).await.is_err()
+                                    {
+                                        return UpEnd::BackendGone;
+                                    }
+                                    out_start = pos + name.end;
                                 }
-                                out_start = pos + name.end;
-                            }
-                            Action::Answer(answer) => {
-                                if write(backend, &buf[out_start..pos]).await.is_err() {
-                                    return UpEnd::BackendGone;
+                                Action::Answer(answer) => {
+                                    if write(backend, &buf[out_start..pos]).await.is_err() {
+                                        return UpEnd::BackendGone;
+                                    }
+                                    // Answered here: the backend never sees it.
+                                    progress.pending().answered(&buf[pos..filled]);
+                                    swallow = Some(answer);
                                 }
-                                // Answered here: the backend never sees it.
-                                progress.pending().answered(&buf[pos..filled]);
-                                swallow = Some(answer);
                             }
                         }
+                        sync_literal = literal.is_some_and(|l| l.sync);
+                        len
                     }
-                    sync_literal = literal.is_some_and(|l| l.sync);
-                    len
-                }
-                Piece::LiteralData { len, .. } => len,
-            };
-            pos += len;
-            if swallow.is_some() {
-                out_start = pos;
-                if framer.at_message_start()
-                    && let Some(answer) = swallow.take()
-                    && inject.send(answer).await.is_err()
-                {
-                    return UpEnd::ClientGone;
-                }
-            } else if sync_literal {
-                // The backend answers the announcing line with `+` or with a refusal; which
-                // one decides whether the client's next bytes are the literal.
-                // Armed before the line goes out, so the answer cannot come first.
-                let armed = tag_of(framer.head()).is_some_and(|tag| progress.gate.arm(tag));
-                if write(backend, &buf[out_start..pos]).await.is_err() {
-                    return UpEnd::BackendGone;
-                }
-                out_start = pos;
-                if armed && progress.gate.verdict().await == gate::Verdict::Refused {
-                    framer.abandon_literal();
+                    Piece::LiteralData { len, .. } => len,
+                };
+                pos += len;
+                if swallow.is_some() {
+                    out_start = pos;
+                    if framer.at_message_start()
+                        && let Some(answer) = swallow.take()
+                    {
+                        progress.inject(answer).await;
+                    }
+                } else if sync_literal {
+                    // The backend answers the announcing line with `+` or with a refusal; which
+                    // one decides whether the client's next bytes are the literal.
+                    // Armed before the line goes out, so the answer cannot come first.
+                    let armed = tag_of(framer.head()).is_some_and(|tag| progress.gate.arm(tag));
+                    if write(backend, &buf[out_start..pos]).await.is_err() {
+                        return UpEnd::BackendGone;
+                    }
+                    out_start = pos;
+                    if armed && progress.gate.verdict().await == gate::Verdict::Refused {
+                        framer.abandon_literal();
+                    }
                 }
             }
+            if out_start < pos && write(backend, &buf[out_start..pos]).await.is_err() {
+                return UpEnd::BackendGone;
+            }
+            // Keep the unprocessed tail (a partial command head) for the next read.
+            buf.copy_within(pos..filled, 0);
+            filled -= pos;
         }
-        if out_start < pos && write(backend, &buf[out_start..pos]).await.is_err() {
-            return UpEnd::BackendGone;
-        }
-        // Keep the unprocessed tail (a partial command head) for the next read.
-        buf.copy_within(pos..filled, 0);
-        filled -= pos;
-        if buf.len() > BUF_SIZE && filled < BUF_SIZE {
-            buf.truncate(BUF_SIZE);
-            buf.shrink_to_fit();
-        }
+        buf::normalize(&mut slot, filled);
         progress
             .at_boundary
             .store(framer.at_message_start() && filled == 0, Ordering::Release);
@@ -383,7 +415,7 @@ where
         // backend (a partial command head still here is dropped with the session).
         let stoppable = framer.at_message_start();
         let read = tokio::select! {
-            r = client.read(&mut buf[filled..]) => r,
+            r = buf::read_into(client, &mut slot, filled) => r,
             _ = ctx.stop.requested(), if stoppable => {
                 progress.parked.store(true, Ordering::Release);
                 progress.parked_notify.notify_one();
@@ -475,33 +507,31 @@ async fn write<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Resul
 
 /// Backend to client: forwards response bytes untouched, noting BYE and response boundaries,
 /// and writes the gateway's own answers between responses.
-async fn downstream<R, W>(
-    backend: &mut R,
+async fn downstream<W>(
+    backend: &mut ReadHalf<'_>,
     client: &mut W,
     ahead: Vec<u8>,
-    mut inject: mpsc::Receiver<Vec<u8>>,
     progress: &Progress,
     opts: &RelayOptions,
     ctx: &RelayContext,
 ) -> DownEnd
 where
-    R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut framer = Framer::new(opts.max_backend_line, u64::MAX);
-    let mut buf = vec![0u8; BUF_SIZE.max(ahead.len())];
-    buf[..ahead.len()].copy_from_slice(&ahead);
+    let mut slot = (!ahead.is_empty()).then(|| Buf::with(&ahead));
     let mut filled = ahead.len();
     // The loop below runs for the whole session: do not keep the login-time buffer alive.
     drop(ahead);
     let mut saw_bye = false;
-    let mut inject_open = true;
     // Set once a stop is asked; from then on every boundary is checked for a safe point.
     let mut stopping = false;
     // The backend accepted the outstanding IDLE with `+`.
     let mut idling = false;
     loop {
-        if filled > 0 {
+        if filled > 0
+            && let Some(buf) = slot.as_deref()
+        {
             let mut pos = 0;
             while pos < filled {
                 match framer.next(&buf[pos..filled]) {
@@ -530,15 +560,19 @@ where
             }
             filled = 0;
         }
-        if buf.len() > BUF_SIZE {
-            buf.truncate(BUF_SIZE);
-            buf.shrink_to_fit();
+        buf::normalize(&mut slot, 0);
+        if framer.at_message_start() {
+            while let Some(answer) = progress.injected() {
+                if client.write_all(&answer).await.is_err() {
+                    return DownEnd::ClientGone;
+                }
+            }
         }
         // A client that sent LOGOUT is ending the session itself.
         if stopping
             && progress.parked.load(Ordering::Acquire)
             && framer.at_message_start()
-            && inject.is_empty()
+            && progress.inject_queue().is_empty()
             && !progress.logout.load(Ordering::Acquire)
         {
             let pending = progress.pending();
@@ -553,17 +587,9 @@ where
             biased;
             _ = ctx.stop.requested(), if !stopping => stopping = true,
             _ = progress.parked_notify.notified(), if stopping => {}
-            answer = inject.recv(), if inject_open && framer.at_message_start() => {
-                match answer {
-                    Some(answer) => {
-                        if client.write_all(&answer).await.is_err() {
-                            return DownEnd::ClientGone;
-                        }
-                    }
-                    None => inject_open = false,
-                }
-            }
-            read = backend.read(&mut buf) => match read {
+            // Written at the top of the loop.
+            _ = progress.injected.notified(), if framer.at_message_start() => {}
+            read = buf::read_into(backend, &mut slot, 0) => match read {
                 Ok(0) | Err(_) => {
                     return DownEnd::BackendClosed {
                         saw_bye,

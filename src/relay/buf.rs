@@ -1,0 +1,118 @@
+//! Read buffers of the relay, held only while data flows. A direction that waits for its peer
+//! holds no buffer: on plain TCP it waits for readability first and takes a buffer only once
+//! there is something to read, and gives it back when a read finds nothing more. Idle
+//! sessions, the common case, then cost no buffer at all. Buffers go back to a small shared
+//! pool, so a busy direction that keeps running dry does not allocate per read.
+
+use std::io;
+use std::sync::{Mutex, PoisonError};
+
+use tokio::io::AsyncReadExt;
+
+use crate::stream::ReadHalf;
+
+/// Size of a read buffer. 16 KiB matches a TLS record, so one read is one record.
+pub const BUF_SIZE: usize = 16 * 1024;
+/// Most free buffers kept for reuse (2 MiB); more are freed.
+const MAX_FREE: usize = 128;
+
+static FREE: Mutex<Vec<Box<[u8]>>> = Mutex::new(Vec::new());
+
+/// A read buffer; a standard-size one goes back to the pool when dropped.
+pub struct Buf(Box<[u8]>);
+
+impl Buf {
+    /// A standard-size buffer, from the pool when it has one.
+    pub fn take() -> Buf {
+        let reused = FREE.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        Buf(reused.unwrap_or_else(|| vec![0; BUF_SIZE].into_boxed_slice()))
+    }
+
+    /// A buffer holding `bytes`, with room for a read after them when they fit a standard one.
+    pub fn with(bytes: &[u8]) -> Buf {
+        let mut buf = if bytes.len() < BUF_SIZE {
+            Buf::take()
+        } else {
+            Buf(vec![0; bytes.len()].into_boxed_slice())
+        };
+        buf.0[..bytes.len()].copy_from_slice(bytes);
+        buf
+    }
+
+    /// Whether this buffer is of the standard size (one made for a larger start is not).
+    pub fn is_standard(&self) -> bool {
+        self.0.len() == BUF_SIZE
+    }
+}
+
+impl std::ops::Deref for Buf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Buf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.0
+    }
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.0);
+        if buf.len() != BUF_SIZE {
+            return;
+        }
+        let mut free = FREE.lock().unwrap_or_else(PoisonError::into_inner);
+        if free.len() < MAX_FREE {
+            // Reserved whole once, so giving back never allocates.
+            free.reserve_exact(MAX_FREE);
+            free.push(buf);
+        }
+    }
+}
+
+/// Makes `slot` ready for the next read with `filled` bytes kept at its start: a buffer of a
+/// size other than the standard one (made for bytes sent ahead) is replaced by a standard one.
+pub fn normalize(slot: &mut Option<Buf>, filled: usize) {
+    if let Some(buf) = slot
+        && !buf.is_standard()
+    {
+        *slot = (filled > 0).then(|| Buf::with(&buf[..filled]));
+    }
+}
+
+/// Reads into the buffer in `slot` after its first `filled` bytes and returns how many came
+/// (0 at the end of the stream). On plain TCP the wait for data happens without a buffer: an
+/// empty buffer goes back to the pool first, and one is taken once the socket is readable.
+/// Cancel-safe: dropped while waiting, `slot` holds what it held, or nothing.
+pub async fn read_into(
+    r: &mut ReadHalf<'_>,
+    slot: &mut Option<Buf>,
+    filled: usize,
+) -> io::Result<usize> {
+    match r {
+        ReadHalf::Plain(r) => loop {
+            if let Some(buf) = slot {
+                match r.try_read(&mut buf[filled..]) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    done => return done,
+                }
+                if filled == 0 {
+                    *slot = None;
+                }
+            }
+            r.readable().await?;
+            if slot.is_none() {
+                *slot = Some(Buf::take());
+            }
+        },
+        ReadHalf::Tls(r) => {
+            // Decrypted data may wait inside the TLS state while the socket is not readable:
+            // readiness of the socket says nothing, so this read waits with its buffer.
+            let buf = slot.get_or_insert_with(Buf::take);
+            r.read(&mut buf[filled..]).await
+        }
+    }
+}
