@@ -4,7 +4,9 @@
 
 use anyhow::{Result, bail};
 use memchr::memchr;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::os::fd::{AsRawFd, RawFd};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 
 use crate::net::Stream;
 
@@ -98,6 +100,21 @@ impl Conn {
         let take = buffered.min(left);
         self.start += take as usize;
         left -= take;
+        if let Stream::Plain(tcp) = &self.stream {
+            // Discard in the kernel, without copying: the client's cost stays small next
+            // to the server's. Whatever follows the literal is read normally.
+            while left > 0 {
+                let want = left.min(1 << 30) as usize;
+                tcp.readable().await?;
+                match tcp.try_io(Interest::READABLE, || discard(tcp.as_raw_fd(), want)) {
+                    Ok(0) => bail!("connection closed by the server inside a literal"),
+                    Ok(n) => left -= n as u64,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            return Ok(());
+        }
         while left > 0 {
             self.start = 0;
             self.end = 0;
@@ -196,6 +213,25 @@ impl Conn {
         self.read_tagged(b"Z", |_| {}).await?;
         let _ = self.stream.shutdown().await;
         Ok(())
+    }
+}
+
+/// Reads and drops up to `len` bytes of a TCP socket without copying them
+/// (`recv(MSG_TRUNC)`, which TCP sockets support since Linux 2.4.4).
+fn discard(fd: RawFd, len: usize) -> std::io::Result<usize> {
+    // SAFETY: with MSG_TRUNC and a null buffer the kernel writes nothing to user memory.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            std::ptr::null_mut(),
+            len,
+            libc::MSG_TRUNC | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
     }
 }
 
