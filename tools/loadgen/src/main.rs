@@ -480,6 +480,8 @@ async fn run_idle(ctx: Arc<Ctx>, nofile: u64) -> Result<Value> {
     let failed = Arc::new(AtomicU64::new(0));
     let closed_ok = Arc::new(AtomicU64::new(0));
     let dropped = Arc::new(AtomicU64::new(0));
+    // Connect to "+ idling", per session, in microseconds.
+    let setup_us = Arc::new(std::sync::Mutex::new(Vec::with_capacity(n as usize)));
     let (stop_tx, stop_rx) = watch::channel(false);
     let gate = Arc::new(Semaphore::new(ctx.args.idle_inflight.max(1)));
     let mut set = JoinSet::new();
@@ -488,6 +490,7 @@ async fn run_idle(ctx: Arc<Ctx>, nofile: u64) -> Result<Value> {
     let rate = ctx.args.idle_ramp.max(1.0);
     for i in 0..n {
         tokio::time::sleep_until(ramp_start + Duration::from_secs_f64(f64::from(i) / rate)).await;
+        let setup_us = setup_us.clone();
         let (ctx, idling, failed, closed_ok, dropped, gate) = (
             ctx.clone(),
             idling.clone(),
@@ -501,11 +504,15 @@ async fn run_idle(ctx: Arc<Ctx>, nofile: u64) -> Result<Value> {
             let mut stage = "login/select";
             let result: Result<()> = async {
                 let permit = gate.acquire().await?;
+                let began = Instant::now();
                 let (mut c, _) = ctx.open(u64::from(i), 2048).await?;
                 stage = "IDLE";
                 c.send(b"I IDLE\r\n").await?;
                 c.read_continuation(b"I").await?;
                 drop(permit);
+                if let Ok(mut v) = setup_us.lock() {
+                    v.push(micros(began.elapsed()));
+                }
                 idling.fetch_add(1, Ordering::Relaxed);
                 stage = "hold";
                 tokio::select! {
@@ -567,6 +574,12 @@ async fn run_idle(ctx: Arc<Ctx>, nofile: u64) -> Result<Value> {
     );
     m.insert("ops".into(), json!(idle_now));
     m.insert("ramp_s".into(), json!(round3(ramp_s)));
+    if let Ok(mut v) = setup_us.lock() {
+        m.insert(
+            "latency_us".into(),
+            json!({ "session_setup": percentiles(&mut v) }),
+        );
+    }
     m.insert("errors".into(), ctx.errors.to_json());
     m.insert("target_rss_kb_before".into(), json!(before.target_rss_kb));
     m.insert("target_rss_kb_idle".into(), json!(hold_start.target_rss_kb));
