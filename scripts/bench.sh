@@ -362,15 +362,29 @@ for inst in "${INSTANCES[@]}"; do
       wait_until 10 dead "$old" || kill -KILL "$old" 2>/dev/null || true
     fi
   fi
-  say "starting Dovecot $inst on 127.0.0.1:${PORT[$inst]} (TLS ${TLS_PORT[$inst]})"
-  # Foreground (-F) in its own process group, so that it is reaped here and stopped whole.
-  setsid /usr/sbin/dovecot -F -c "$d/dovecot.conf" </dev/null >"$d/dovecot.out" 2>&1 &
-  DOVECOT_PIDS+=($!)
 done
-for inst in "${INSTANCES[@]}"; do
-  wait_until 20 greets "${PORT[$inst]}" ||
-    { cat "$BENCH_DIR/$inst/dovecot.out" "$BENCH_DIR/$inst/dovecot.log" >&2 || true; die "Dovecot $inst did not start"; }
-done
+
+# (Re)starts both instances: every repetition starts from fresh Dovecots, not from one still
+# busy thawing and reaping the thousands of sessions and processes of an idle run.
+start_dovecots() {
+  local inst d
+  stop_dovecots
+  for inst in "${INSTANCES[@]}"; do
+    d=$BENCH_DIR/$inst
+    say "starting Dovecot $inst on 127.0.0.1:${PORT[$inst]} (TLS ${TLS_PORT[$inst]})"
+    # Foreground (-F) in its own process group, so that it is reaped here and stopped whole.
+    setsid /usr/sbin/dovecot -F -c "$d/dovecot.conf" </dev/null >"$d/dovecot.out" 2>&1 &
+    DOVECOT_PIDS+=($!)
+  done
+  for inst in "${INSTANCES[@]}"; do
+    d=$BENCH_DIR/$inst
+    wait_until 20 greets "${PORT[$inst]}" ||
+      {
+        cat "$d/dovecot.out" "$d/dovecot.log" >&2 || true
+        die "Dovecot $inst did not start"
+      }
+  done
+}
 
 # --- 4. the gateway -----------------------------------------------------------------------
 
@@ -458,6 +472,7 @@ both() {
 
 common=(--duration "$DURATION" --warmup "$WARMUP")
 for ((rep = 1; rep <= REPEAT; rep++)); do
+  start_dovecots
   for s in ${SCENARIOS//,/ }; do
     case $s in
     login)

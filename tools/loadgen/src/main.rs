@@ -456,6 +456,15 @@ async fn run_load(ctx: Arc<Ctx>, nofile: u64) -> Result<Value> {
     m.insert("target_rss_kb_after".into(), json!(s2.target_rss_kb));
     m.insert("self_cpu_s".into(), json!(round3(self_cpu)));
     m.insert("self_cpu_util".into(), json!(round3(self_cpu / secs)));
+    // Machine-wide busy CPUs during the window, and the niced part (other people's builds).
+    m.insert(
+        "host_busy_cpus".into(),
+        json!(round3((s2.host_busy_s - s1.host_busy_s) / secs)),
+    );
+    m.insert(
+        "host_nice_cpus".into(),
+        json!(round3((s2.host_nice_s - s1.host_nice_s) / secs)),
+    );
     m.insert(
         "self_cpu_ms_per_op".into(),
         json!(per(Some(self_cpu), ops, 1000.0)),
@@ -601,6 +610,19 @@ async fn run_idle(ctx: Arc<Ctx>, nofile: u64) -> Result<Value> {
     m.insert(
         "target_cpu_ms_per_session_setup".into(),
         json!(per(setup_cpu, sessions, 1000.0)),
+    );
+    let hold_s = hold.as_secs_f64();
+    m.insert(
+        "host_busy_cpus_hold".into(),
+        json!(round3(
+            (hold_end.host_busy_s - hold_start.host_busy_s) / hold_s
+        )),
+    );
+    m.insert(
+        "host_nice_cpus_ramp".into(),
+        json!(round3(
+            (after_ramp.host_nice_s - before.host_nice_s) / ramp_s.max(0.001)
+        )),
     );
     m.insert(
         "target_cpu_s_hold".into(),

@@ -57,12 +57,36 @@ pub fn self_cpu_s() -> f64 {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
+/// Whole-machine CPU seconds from /proc/stat: (busy, of which niced). Other work on the
+/// machine (e.g. builds, which cargo runs niced) shows as busy time the run did not cause.
+pub fn host_cpu_s() -> (f64, f64) {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return (0.0, 0.0);
+    };
+    let Some(line) = stat.lines().next() else {
+        return (0.0, 0.0);
+    };
+    // cpu user nice system idle iowait irq softirq steal ...
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    if v.len() < 8 {
+        return (0.0, 0.0);
+    }
+    let busy = v[0] + v[1] + v[2] + v[5] + v[6] + v[7];
+    (busy as f64 / clock_ticks(), v[1] as f64 / clock_ticks())
+}
+
 /// A snapshot of the target processes and of this one.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Sample {
     pub target_cpu_s: Option<f64>,
     pub target_rss_kb: Option<u64>,
     pub self_cpu_s: f64,
+    pub host_busy_s: f64,
+    pub host_nice_s: f64,
 }
 
 impl Sample {
@@ -78,10 +102,13 @@ impl Sample {
             cpu = Some(c);
             rss = Some(r);
         }
+        let (host_busy_s, host_nice_s) = host_cpu_s();
         Ok(Sample {
             target_cpu_s: cpu,
             target_rss_kb: rss,
             self_cpu_s: self_cpu_s(),
+            host_busy_s,
+            host_nice_s,
         })
     }
 }
