@@ -16,6 +16,8 @@
 #   --idle L              comma list of idle session counts [1000,20000]
 #   --idle-hold D         how long the idle sessions are held [10s]
 #   --idle-ramp R         new idle sessions per second [500]
+#   --idle-cap N          run at most N idle sessions [what the open-files limit allows the
+#                         gateway: (limit - 200) / 2]; set it higher to see the gateway at its limit
 #   --users K             users on each backend [2000]
 #   --messages M          messages of --size bytes in INBOX of users 1..fetch-clients [5]
 #   --size BYTES          size of those messages [2000000]
@@ -42,6 +44,7 @@ WARMUP=2s
 IDLE_COUNTS=1000,20000
 IDLE_HOLD=10s
 IDLE_RAMP=500
+IDLE_CAP=
 USERS=2000
 MESSAGES=5
 SIZE=2000000
@@ -69,6 +72,7 @@ while [ $# -gt 0 ]; do
   --idle) IDLE_COUNTS=$2 ;;
   --idle-hold) IDLE_HOLD=$2 ;;
   --idle-ramp) IDLE_RAMP=$2 ;;
+  --idle-cap) IDLE_CAP=$2 ;;
   --users) USERS=$2 ;;
   --messages) MESSAGES=$2 ;;
   --size) SIZE=$2 ;;
@@ -496,9 +500,9 @@ for ((rep = 1; rep <= REPEAT; rep++)); do
       for n in ${IDLE_COUNTS//,/ }; do
         # Bounded by the open-files limit: loadgen needs one descriptor per session, the
         # gateway two (client and backend), plus a few of their own.
-        max=$(((NOFILE - 200) / 2))
+        max=${IDLE_CAP:-$(((NOFILE - 200) / 2))}
         if ((n > max)); then
-          say "idle: $n sessions exceed what the open-files limit $NOFILE allows the gateway ($max); running $max"
+          say "idle: $n sessions exceed what the open-files limit $NOFILE allows the gateway ($max, --idle-cap); running $max"
           n=$max
         fi
         both "idle-$n" "$rep" --scenario idle --clients "$n" --user-count "$USERS" \
