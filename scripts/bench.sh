@@ -432,6 +432,7 @@ tls = "none"
 trusted = true
 EOF
 "$GATEWAY" check-config --config "$BENCH_DIR/gateway.toml" >/dev/null
+: >"$BENCH_DIR/gateway.log" # this run's gateways only (each restart appends)
 
 # A fresh gateway for every measured run: RSS and CPU start from the same state.
 start_gateway() {

@@ -118,7 +118,7 @@ def report(path):
                     f"{'MB' if kind == 'fetch' else 'login'}  loadgen CPU {fmt(g.get(self_key) if g else None, 3)}"
                     f" (direct {fmt(d.get(self_key) if d else None, 3)})"
                     f"  errors {d['errors']['count'] if d else '-'}/{g['errors']['count'] if g else '-'}"
-                    f"  others' niced CPU {fmt((d or {}).get('host_nice_cpus'))}/{fmt((g or {}).get('host_nice_cpus'))}"
+                    f"  busy CPUs {fmt((d or {}).get('host_busy_cpus'), 1)}/{fmt((g or {}).get('host_busy_cpus'), 1)}"
                     f"   [{TARGETS.get(case, '')}]"
                 )
             elif kind == "latency":
@@ -135,7 +135,7 @@ def report(path):
                         f"  gw CPU {fmt(g.get('target_cpu_ms_per_op'), 4)} ms/cmd"
                         f"  loadgen {fmt(g.get('self_cpu_ms_per_op'), 4)} ms/cmd"
                         f"  errors {d['errors']['count']}/{g['errors']['count']}"
-                        f"  others' niced CPU {fmt(d.get('host_nice_cpus'))}/{fmt(g.get('host_nice_cpus'))}"
+                        f"  busy CPUs {fmt(d.get('host_busy_cpus'), 1)}/{fmt(g.get('host_busy_cpus'), 1)}"
                     )
             elif kind == "idle":
                 for mode, r in (("direct", d), ("gateway", g)):
