@@ -1,0 +1,527 @@
+#!/usr/bin/env bash
+# imap-gateway benchmark: real Dovecot backends, the gateway (release build) and
+# tools/loadgen, every scenario run against the bare backend and through the gateway in the
+# same run. See docs/benchmarks.md.
+#
+#   sudo ./scripts/bench.sh                       full run (a few minutes)
+#   sudo ./scripts/bench.sh --scenarios login,fetch --duration 5s --repeat 2
+#
+# Options (defaults in brackets):
+#   --scenarios LIST      login,login-tls,fetch,latency,idle [all of them]
+#   --login-clients N     login storm clients [32]
+#   --fetch-clients N     bulk fetch clients [8]
+#   --latency-clients L   comma list of client counts for the latency scenario [1,8]
+#   --duration D          measurement time of login, fetch and latency [10s]
+#   --warmup D            load before measuring [2s]
+#   --idle L              comma list of idle session counts [1000,20000]
+#   --idle-hold D         how long the idle sessions are held [10s]
+#   --idle-ramp R         new idle sessions per second [500]
+#   --idle-cap N          run at most N idle sessions [what the open-files limit allows the
+#                         gateway: (limit - 200) / 2]; set it higher to see the gateway at its limit
+#   --users K             users on each backend [2000]
+#   --messages M          messages of --size bytes in INBOX of users 1..fetch-clients [5]
+#   --size BYTES          size of those messages [2000000]
+#   --repeat N            run the whole set N times [1]
+#   --gw-log LEVEL        the gateway's log level [info]
+#   --out DIR             results directory [target/bench/<timestamp>]
+# Environment: BENCH_DIR (state: configs, mail, logs) [/var/tmp/imap-gateway-bench];
+# BENCH_PORT (first of 7 consecutive loopback ports) [21140].
+#
+# Needs root (Dovecot's processes change user). Installs dovecot-imapd, openssl and python3
+# with apt-get if missing. Stops everything it started on exit, also on Ctrl-C.
+# shellcheck disable=SC2317 # functions run through wait_until or the trap
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+HELPER=$REPO/scripts/bench_helper.py
+
+SCENARIOS=login,login-tls,fetch,latency,idle
+LOGIN_CLIENTS=32
+FETCH_CLIENTS=8
+LATENCY_CLIENTS=1,8
+DURATION=10s
+WARMUP=2s
+IDLE_COUNTS=1000,20000
+IDLE_HOLD=10s
+IDLE_RAMP=500
+IDLE_CAP=
+USERS=2000
+MESSAGES=5
+SIZE=2000000
+REPEAT=1
+GW_LOG=info
+OUT=
+PASSWORD=benchpw
+MAIL_USER=imapgwbench
+
+die() {
+  printf 'bench.sh: %s\n' "$*" >&2
+  exit 1
+}
+say() { printf '==> %s\n' "$*" >&2; }
+
+while [ $# -gt 0 ]; do
+  [ $# -ge 2 ] || die "option $1 needs a value (see the head of $0)"
+  case $1 in
+  --scenarios) SCENARIOS=$2 ;;
+  --login-clients) LOGIN_CLIENTS=$2 ;;
+  --fetch-clients) FETCH_CLIENTS=$2 ;;
+  --latency-clients) LATENCY_CLIENTS=$2 ;;
+  --duration) DURATION=$2 ;;
+  --warmup) WARMUP=$2 ;;
+  --idle) IDLE_COUNTS=$2 ;;
+  --idle-hold) IDLE_HOLD=$2 ;;
+  --idle-ramp) IDLE_RAMP=$2 ;;
+  --idle-cap) IDLE_CAP=$2 ;;
+  --users) USERS=$2 ;;
+  --messages) MESSAGES=$2 ;;
+  --size) SIZE=$2 ;;
+  --repeat) REPEAT=$2 ;;
+  --gw-log) GW_LOG=$2 ;;
+  --out) OUT=$2 ;;
+  *) die "unknown option $1 (see the head of $0)" ;;
+  esac
+  shift 2
+done
+
+[ "$(id -u)" -eq 0 ] || die "run this as root: sudo $0"
+
+BENCH_DIR=${BENCH_DIR:-/var/tmp/imap-gateway-bench}
+BASE=${BENCH_PORT:-21140}
+GW_PORT=$((BASE + 3))
+GW_TLS_PORT=$((BASE + 4))
+GW_ADMIN_PORT=$((BASE + 5))
+declare -A PORT=([bench-a]=$((BASE + 0)) [bench-b]=$((BASE + 1)))
+declare -A TLS_PORT=([bench-a]=$((BASE + 10)) [bench-b]=$((BASE + 11)))
+INSTANCES=(bench-a bench-b)
+
+# --- processes (no procps needed) ---------------------------------------------------------
+
+alive() {
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  stat=${stat##*) }
+  [ "${stat%% *}" != Z ]
+}
+dead() { ! alive "$1"; }
+group_empty() {
+  local f stat fields
+  for f in /proc/[0-9]*/stat; do
+    stat=$(cat "$f" 2>/dev/null) || continue
+    read -r -a fields <<<"${stat##*) }"
+    [ "${fields[2]}" = "$1" ] && [ "${fields[0]}" != Z ] && return 1
+  done
+  return 0
+}
+wait_until() {
+  local seconds=$1 i
+  shift
+  for ((i = 0; i < seconds * 10; i++)); do
+    "$@" && return 0
+    sleep 0.1
+  done
+  return 1
+}
+# Whether a server on 127.0.0.1:$1 sends an "* OK" greeting (a subshell: its own stderr).
+greets() (
+  local line
+  exec 2>/dev/null
+  exec 3<>"/dev/tcp/127.0.0.1/$1" || return 1
+  IFS= read -r -t 2 line <&3 || return 1
+  printf 'x LOGOUT\r\n' >&3 || true
+  [[ "$line" == "* OK"* ]]
+)
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+DOVECOT_PIDS=()
+GW_PID=
+stop_gateway() {
+  if [ -n "$GW_PID" ] && alive "$GW_PID"; then
+    kill -TERM "$GW_PID" 2>/dev/null || true
+    wait_until 5 dead "$GW_PID" || kill -KILL "$GW_PID" 2>/dev/null || true
+    wait "$GW_PID" 2>/dev/null || true
+  fi
+  GW_PID=
+}
+stop_dovecots() {
+  local pid
+  for pid in "${DOVECOT_PIDS[@]}"; do
+    kill -TERM -- "-$pid" 2>/dev/null || true
+  done
+  for pid in "${DOVECOT_PIDS[@]}"; do
+    if ! wait_until 10 group_empty "$pid"; then
+      kill -KILL -- "-$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+  done
+  DOVECOT_PIDS=()
+}
+cleanup() {
+  local status=$?
+  trap - EXIT INT TERM HUP
+  stop_gateway
+  stop_dovecots
+  if [ -n "${INOTIFY_OLD:-}" ] && [ "$(cat "$INOTIFY")" != "$INOTIFY_OLD" ]; then
+    echo "$INOTIFY_OLD" >"$INOTIFY" || true
+  fi
+  exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
+
+# --- 1. packages, build, limits -----------------------------------------------------------
+
+missing=()
+[ -x /usr/sbin/dovecot ] || missing+=(dovecot-imapd)
+command -v openssl >/dev/null || missing+=(openssl)
+command -v python3 >/dev/null || missing+=(python3)
+command -v cc >/dev/null || missing+=(gcc libc6-dev)
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+cargo=$(command -v cargo || true)
+[ -n "$cargo" ] || { [ -x "$HOME/.cargo/bin/cargo" ] && cargo=$HOME/.cargo/bin/cargo; }
+[ -n "$cargo" ] || die "cargo not found: install Rust (https://rustup.rs) first"
+say "cargo build --release --workspace"
+(cd "$REPO" && "$cargo" build --release --workspace)
+GATEWAY=$REPO/target/release/imap-gateway
+LOADGEN=$REPO/target/release/loadgen
+
+# 20,000 idle sessions: one descriptor each in loadgen, two in the gateway, one or more in
+# Dovecot. Everything started from here inherits these limits.
+# Raising the hard limit needs CAP_SYS_RESOURCE, which some containers drop: then the
+# hard limit bounds the idle counts (the gateway holds two descriptors per session).
+NOFILE=$(cat /proc/sys/fs/nr_open)
+((NOFILE > 1048576)) && NOFILE=1048576
+if ! ulimit -Hn "$NOFILE" 2>/dev/null; then
+  say "cannot raise the hard limit of open files to $NOFILE (no CAP_SYS_RESOURCE?); it stays $(ulimit -Hn)"
+fi
+ulimit -Sn "$(ulimit -Hn)"
+NOFILE=$(ulimit -n)
+ulimit -u unlimited 2>/dev/null || true
+LOADAVG_START=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# Every IDLE session's imap process takes an inotify instance of the mail user, and Dovecot
+# hibernates a session only with one: at the default of 128 per user, the rest stay in imap
+# processes up to process_limit. Raised for the run, restored on exit.
+INOTIFY=/proc/sys/fs/inotify/max_user_instances
+INOTIFY_OLD=$(cat "$INOTIFY")
+if ((INOTIFY_OLD < 65536)); then
+  echo 65536 >"$INOTIFY" || say "cannot raise $INOTIFY: idle sessions will not all hibernate"
+fi
+
+for p in "${PORT[@]}" "${TLS_PORT[@]}" "$GW_PORT" "$GW_TLS_PORT" "$GW_ADMIN_PORT"; do
+  port_busy "$p" && die "127.0.0.1:$p is in use (BENCH_PORT picks other ports)"
+done
+
+STAMP=$(date +%Y%m%d-%H%M%S)
+OUT=${OUT:-$REPO/target/bench/$STAMP}
+mkdir -p "$OUT" "$BENCH_DIR"
+OUT=$(cd "$OUT" && pwd)
+RESULTS=$OUT/results.jsonl
+: >"$RESULTS"
+chmod 755 "$BENCH_DIR"
+
+# --- 2. TLS: a CA and an ECDSA P-256 certificate for localhost and 127.0.0.1 ----------------
+
+TLS=$BENCH_DIR/tls
+if [ ! -s "$TLS/server.pem" ]; then
+  say "making a test CA and server certificate in $TLS"
+  mkdir -p "$TLS"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 3650 \
+    -subj /CN=imap-gateway-bench-ca -keyout "$TLS/ca.key" -out "$TLS/ca.pem" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=localhost \
+    -keyout "$TLS/server.key" -out "$TLS/server.csr" 2>/dev/null
+  printf '%s\n' 'subjectAltName=DNS:localhost,IP:127.0.0.1' 'basicConstraints=CA:FALSE' \
+    'keyUsage=digitalSignature' 'extendedKeyUsage=serverAuth' >"$TLS/ext.cnf"
+  openssl x509 -req -in "$TLS/server.csr" -CA "$TLS/ca.pem" -CAkey "$TLS/ca.key" \
+    -CAcreateserial -days 3650 -extfile "$TLS/ext.cnf" -out "$TLS/server.pem" 2>/dev/null
+fi
+
+# --- 3. Dovecot: two instances, users and seeded Maildirs ---------------------------------
+
+if ! id -u "$MAIL_USER" >/dev/null 2>&1; then
+  useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin \
+    --user-group "$MAIL_USER"
+fi
+MAIL_UID=$(id -u "$MAIL_USER")
+MAIL_GID=$(id -g "$MAIL_USER")
+BIG_USERS=$FETCH_CLIENTS
+for l in ${LATENCY_CLIENTS//,/ }; do ((l > BIG_USERS)) && BIG_USERS=$l; done
+
+write_dovecot_conf() {
+  local inst=$1 d=$BENCH_DIR/$1
+  cat >"$d/dovecot.conf" <<EOF
+# Written by scripts/bench.sh: Dovecot instance $inst, tuned for load (docs/benchmarks.md).
+base_dir = $d/run
+state_dir = $d/state
+instance_name = $inst
+login_greeting = Dovecot ready ($inst)
+protocols = imap
+listen = 127.0.0.1
+shutdown_clients = yes
+log_path = $d/dovecot.log
+info_log_path = $d/dovecot-info.log
+
+default_internal_user = dovecot
+default_login_user = dovenull
+first_valid_uid = $MAIL_UID
+first_valid_gid = $MAIL_GID
+mail_uid = $MAIL_UID
+mail_gid = $MAIL_GID
+mail_location = maildir:~/Maildir:LAYOUT=fs
+
+ssl = yes
+ssl_cert = <$TLS/server.pem
+ssl_key = <$TLS/server.key
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+login_trusted_networks = 127.0.0.0/8
+
+# Many sessions per user and address, many processes and clients.
+mail_max_userip_connections = 100000
+default_process_limit = 5000
+default_client_limit = 100000
+default_vsz_limit = 1G
+
+# IDLE sessions move to one imap-hibernate process after this long, so that 20,000 of
+# them do not need 20,000 imap processes.
+imap_hibernate_timeout = 2s
+
+passdb {
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u $d/users.passwd
+}
+userdb {
+  driver = static
+  args = uid=$MAIL_UID gid=$MAIL_GID home=$d/mail/%u
+}
+
+namespace inbox {
+  inbox = yes
+  separator = /
+  prefix =
+}
+
+service imap-login {
+  inet_listener imap {
+    address = 127.0.0.1
+    port = ${PORT[$inst]}
+  }
+  inet_listener imaps {
+    address = 127.0.0.1
+    port = ${TLS_PORT[$inst]}
+    ssl = yes
+  }
+  # "High-performance mode": long-lived login processes, each with many clients.
+  service_count = 0
+  process_min_avail = 2
+  client_limit = 5000
+  process_limit = 8
+}
+
+service imap {
+  # Reuse imap processes instead of forking one per login (about 8 ms CPU each).
+  service_count = 1000
+  process_limit = 5000
+  idle_kill = 30s
+  unix_listener imap-master {
+    user = \$default_internal_user
+  }
+  extra_groups = \$default_internal_group
+}
+
+service imap-hibernate {
+  # Several processes: each holds one descriptor per session, under RLIMIT_NOFILE.
+  client_limit = 5000
+  process_limit = 8
+  unix_listener imap-hibernate {
+    mode = 0660
+    group = \$default_internal_group
+  }
+}
+EOF
+}
+
+for inst in "${INSTANCES[@]}"; do
+  d=$BENCH_DIR/$inst
+  mkdir -p "$d/run" "$d/state" "$d/mail"
+  chmod 755 "$d" "$d/mail"
+  write_dovecot_conf "$inst"
+  say "seeding $inst: $USERS users, users 1..$BIG_USERS with $MESSAGES messages of $SIZE bytes"
+  python3 "$HELPER" seed "$d" "$MAIL_UID" "$MAIL_GID" "$USERS" "$PASSWORD" "$BIG_USERS" \
+    "$MESSAGES" "$SIZE"
+  chown root:dovecot "$d/users.passwd"
+  chmod 640 "$d/users.passwd"
+  # A previous run that was killed hard may have left this instance running.
+  if [ -s "$d/run/master.pid" ]; then
+    old=$(<"$d/run/master.pid")
+    if alive "$old" && tr '\0' ' ' <"/proc/$old/cmdline" | grep -qF "$d/dovecot.conf"; then
+      kill -TERM -- "-$old" 2>/dev/null || kill -TERM "$old" 2>/dev/null || true
+      wait_until 10 dead "$old" || kill -KILL "$old" 2>/dev/null || true
+    fi
+  fi
+done
+
+# (Re)starts both instances: every repetition starts from fresh Dovecots, not from one still
+# busy thawing and reaping the thousands of sessions and processes of an idle run.
+start_dovecots() {
+  local inst d
+  stop_dovecots
+  for inst in "${INSTANCES[@]}"; do
+    d=$BENCH_DIR/$inst
+    say "starting Dovecot $inst on 127.0.0.1:${PORT[$inst]} (TLS ${TLS_PORT[$inst]})"
+    # Foreground (-F) in its own process group, so that it is reaped here and stopped whole.
+    setsid /usr/sbin/dovecot -F -c "$d/dovecot.conf" </dev/null >"$d/dovecot.out" 2>&1 &
+    DOVECOT_PIDS+=($!)
+  done
+  for inst in "${INSTANCES[@]}"; do
+    d=$BENCH_DIR/$inst
+    wait_until 20 greets "${PORT[$inst]}" ||
+      {
+        cat "$d/dovecot.out" "$d/dovecot.log" >&2 || true
+        die "Dovecot $inst did not start"
+      }
+  done
+}
+
+# --- 4. the gateway -----------------------------------------------------------------------
+
+cat >"$BENCH_DIR/gateway.toml" <<EOF
+# Written by scripts/bench.sh.
+routing_table = "routing.toml"
+
+[[listeners]]
+name = "plain"
+address = "127.0.0.1:$GW_PORT"
+mode = "plain"
+allow_plaintext_auth = true
+
+[[listeners]]
+name = "tls"
+address = "127.0.0.1:$GW_TLS_PORT"
+mode = "tls"
+tls_cert = "$TLS/server.pem"
+tls_key = "$TLS/server.key"
+
+[admin]
+address = "127.0.0.1:$GW_ADMIN_PORT"
+
+[log]
+level = "$GW_LOG"
+EOF
+cat >"$BENCH_DIR/routing.toml" <<EOF
+# Written by scripts/bench.sh: users spread over both backends by rendezvous hashing.
+default_pool = ["bench-a", "bench-b"]
+
+[[backends]]
+name = "bench-a"
+address = "127.0.0.1:${PORT[bench-a]}"
+tls = "none"
+trusted = true
+
+[[backends]]
+name = "bench-b"
+address = "127.0.0.1:${PORT[bench-b]}"
+tls = "none"
+trusted = true
+EOF
+"$GATEWAY" check-config --config "$BENCH_DIR/gateway.toml" >/dev/null
+: >"$BENCH_DIR/gateway.log" # this run's gateways only (each restart appends)
+
+# A fresh gateway for every measured run: RSS and CPU start from the same state.
+start_gateway() {
+  stop_gateway
+  "$GATEWAY" run --config "$BENCH_DIR/gateway.toml" </dev/null >>"$BENCH_DIR/gateway.log" 2>&1 &
+  GW_PID=$!
+  wait_until 10 greets "$GW_PORT" || die "the gateway did not start (log: $BENCH_DIR/gateway.log)"
+}
+
+# --- 5. the scenarios ---------------------------------------------------------------------
+
+# run CASE MODE REP LOADGEN-ARGS...: one loadgen run, its JSON line appended to the results.
+run() {
+  local case=$1 mode=$2 rep=$3 json
+  shift 3
+  local target=127.0.0.1:${PORT[bench-a]} pid=()
+  if [[ " $* " == *" --tls "* ]]; then target=127.0.0.1:${TLS_PORT[bench-a]}; fi
+  if [ "$mode" = gateway ]; then
+    start_gateway
+    target=127.0.0.1:$GW_PORT
+    [[ " $* " == *" --tls "* ]] && target=127.0.0.1:$GW_TLS_PORT
+    pid=(--pid "$GW_PID")
+  fi
+  say "$case/$mode/$rep: loadgen --target $target $*"
+  if ! json=$("$LOADGEN" --target "$target" "${pid[@]}" --label "$case/$mode/$rep" \
+    --password "$PASSWORD" "$@"); then
+    echo "loadgen failed for $case/$mode/$rep" >&2
+    return 0
+  fi
+  printf '%s\n' "$json" >>"$RESULTS"
+  python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print("   ", ", ".join(f"{k} {r[k]}" for k in ("ops", "ops_per_s", "mb_per_s", "target_cpu_ms_per_op", "self_cpu_ms_per_op", "rss_kb_per_session") if r.get(k) is not None), "errors", r["errors"]["count"])' "$json" >&2
+  if [ "$mode" = gateway ] && ! alive "$GW_PID"; then
+    echo "THE GATEWAY DIED during $case/$mode/$rep; last log lines:" >&2
+    tail -n 20 "$BENCH_DIR/gateway.log" >&2
+  fi
+}
+
+both() {
+  run "$1" direct "$2" "${@:3}"
+  run "$1" gateway "$2" "${@:3}"
+}
+
+common=(--duration "$DURATION" --warmup "$WARMUP")
+for ((rep = 1; rep <= REPEAT; rep++)); do
+  start_dovecots
+  for s in ${SCENARIOS//,/ }; do
+    case $s in
+    login)
+      both login-plain "$rep" --scenario login --clients "$LOGIN_CLIENTS" --user-count "$USERS" \
+        --src-ips 64 "${common[@]}"
+      ;;
+    login-tls)
+      both login-tls "$rep" --scenario login --tls --ca "$TLS/ca.pem" --clients "$LOGIN_CLIENTS" \
+        --user-count "$USERS" --src-ips 64 "${common[@]}"
+      ;;
+    fetch)
+      both fetch "$rep" --scenario fetch --clients "$FETCH_CLIENTS" --user-count "$FETCH_CLIENTS" \
+        "${common[@]}"
+      ;;
+    latency)
+      for c in ${LATENCY_CLIENTS//,/ }; do
+        both "latency-$c" "$rep" --scenario latency --clients "$c" --user-count "$c" "${common[@]}"
+      done
+      ;;
+    idle)
+      for n in ${IDLE_COUNTS//,/ }; do
+        # Bounded by the open-files limit: loadgen needs one descriptor per session, the
+        # gateway two (client and backend), plus a few of their own.
+        max=${IDLE_CAP:-$(((NOFILE - 200) / 2))}
+        if ((n > max)); then
+          say "idle: $n sessions exceed what the open-files limit $NOFILE allows the gateway ($max, --idle-cap); running $max"
+          n=$max
+        fi
+        both "idle-$n" "$rep" --scenario idle --clients "$n" --user-count "$USERS" \
+          --src-ips 250 --idle-ramp "$IDLE_RAMP" --duration "$IDLE_HOLD" --warmup 3s
+      done
+      ;;
+    *) die "unknown scenario $s" ;;
+    esac
+  done
+done
+stop_gateway
+
+# --- 6. report ----------------------------------------------------------------------------
+
+{
+  echo "imap-gateway benchmark $STAMP on $(uname -srm), $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)"
+  echo "gateway $(git -C "$REPO" describe --always --dirty 2>/dev/null || echo '?'), Dovecot $(/usr/sbin/dovecot --version), load average at start: $LOADAVG_START, open files limit $NOFILE"
+  echo
+  python3 "$HELPER" report "$RESULTS"
+} | tee "$OUT/report.txt"
+say "results: $RESULTS and $OUT/report.txt"

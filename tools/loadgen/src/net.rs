@@ -1,0 +1,176 @@
+//! Connections: TCP from a chosen loopback source address, optionally wrapped in TLS.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use anyhow::{Context as _, Result, bail};
+use rustls::ClientConfig;
+use rustls::client::Resumption;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+/// A plain or TLS connection.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// How to reach the target.
+pub struct Dialer {
+    target: SocketAddr,
+    /// Number of loopback source addresses to spread connections over (0: let the kernel
+    /// choose, i.e. 127.0.0.1 for a loopback target).
+    src_ips: u32,
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+}
+
+impl Dialer {
+    pub fn new(
+        target: SocketAddr,
+        src_ips: u32,
+        tls: bool,
+        ca: Option<&Path>,
+        sni: &str,
+        resume: bool,
+    ) -> Result<Dialer> {
+        if src_ips > 0 && !target.ip().is_loopback() {
+            bail!("--src-ips spreads over 127.0.0.0/8 and needs a loopback target");
+        }
+        if src_ips > 64_000 {
+            bail!("--src-ips is at most 64000");
+        }
+        let tls = if tls {
+            let ca = ca.context("--tls needs --ca FILE (PEM) to verify the server")?;
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(ca)
+                .with_context(|| format!("reading {}", ca.display()))?
+            {
+                roots
+                    .add(cert.with_context(|| format!("parsing {}", ca.display()))?)
+                    .context("adding a CA certificate")?;
+            }
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut config = ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .context("TLS versions")?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            if !resume {
+                config.resumption = Resumption::disabled();
+            }
+            let name = ServerName::try_from(sni.to_owned()).context("--sni")?;
+            Some((TlsConnector::from(Arc::new(config)), name))
+        } else {
+            None
+        };
+        Ok(Dialer {
+            target,
+            src_ips,
+            tls,
+        })
+    }
+
+    /// The source address of connection number `i`: 127.77.x.y, never .0.
+    fn source(&self, i: u64) -> Option<IpAddr> {
+        if self.src_ips == 0 {
+            return None;
+        }
+        let idx = (i % u64::from(self.src_ips)) as u32;
+        let (x, y) = (idx / 250, idx % 250 + 1);
+        Some(IpAddr::V4(Ipv4Addr::new(127, 77, x as u8, y as u8)))
+    }
+
+    /// Connects (connection number `i` picks the source address) and does the TLS
+    /// handshake when asked to.
+    pub async fn connect(&self, i: u64) -> Result<Stream> {
+        let socket = if self.target.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        if let Some(ip) = self.source(i) {
+            // Pick the port at connect time, per 4-tuple, not at bind time per address.
+            let one: libc::c_int = 1;
+            // SAFETY: a valid socket descriptor and a c_int option of the right size.
+            let rc = unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::IPPROTO_IP,
+                    libc::IP_BIND_ADDRESS_NO_PORT,
+                    (&one as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                return Err(io::Error::last_os_error()).context("IP_BIND_ADDRESS_NO_PORT");
+            }
+            socket
+                .bind(SocketAddr::new(ip, 0))
+                .with_context(|| format!("bind {ip}"))?;
+        }
+        let tcp = socket
+            .connect(self.target)
+            .await
+            .with_context(|| format!("connect {}", self.target))?;
+        tcp.set_nodelay(true)?;
+        match &self.tls {
+            None => Ok(Stream::Plain(tcp)),
+            Some((connector, name)) => {
+                let tls = connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .context("TLS handshake")?;
+                Ok(Stream::Tls(Box::new(tls)))
+            }
+        }
+    }
+}
