@@ -12,8 +12,9 @@
 //! - `body_2mib`: one FETCH with a 2 MiB BODY[] literal.
 //! - `append_stream`: a client stream of APPENDs (4 KiB to 256 KiB non-sync literals) and NOOPs.
 
+mod common;
+
 use std::hint::black_box;
-use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use imap_gateway::proto::framer::{Framer, Piece};
@@ -163,9 +164,7 @@ fn bench(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
+    config = common::config();
     targets = bench
 }
 criterion_main!(benches);

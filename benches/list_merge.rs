@@ -25,6 +25,8 @@
 //! `pattern/*`: `proto::pattern::matches` alone over 403 names (`*`, `%`, `Shared/Team 1*`),
 //! the test the merge runs on every mount entry and mount point.
 
+mod common;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -293,9 +295,7 @@ fn bench(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
+    config = common::config();
     targets = bench
 }
 criterion_main!(benches);

@@ -11,8 +11,9 @@
 //! - `fetch`: `UID FETCH` alone (the most common command of a syncing client).
 //! - `other`: an unknown X-command, the worst case of the name lookup (no name matches).
 
+mod common;
+
 use std::hint::black_box;
-use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use imap_gateway::proto::prescan::{CommandName, prescan};
@@ -71,9 +72,7 @@ fn bench(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
+    config = common::config();
     targets = bench
 }
 criterion_main!(benches);

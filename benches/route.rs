@@ -12,9 +12,10 @@
 //! Cases: `lookup/exact`, `lookup/domain`, `lookup/pool` (Throughput::Elements = lookups);
 //! `parse/10k_users` (one whole table per iteration).
 
+mod common;
+
 use std::hint::black_box;
 use std::path::Path;
-use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use imap_gateway::route::RoutingTable;
@@ -106,9 +107,7 @@ fn bench(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
+    config = common::config();
     targets = bench
 }
 criterion_main!(benches);
