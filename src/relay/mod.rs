@@ -97,6 +97,9 @@ struct Progress {
     /// Answers of the gateway's own, queued by the client-to-backend side for the other side
     /// to write between two responses. Unlike a channel, it costs no allocation until used.
     inject: Mutex<VecDeque<Vec<u8>>>,
+    /// Whether `inject` holds anything, readable without its lock: the backend-to-client side
+    /// looks after every read, and answers are rare. Changed only under the lock.
+    inject_waiting: AtomicBool,
     /// An answer was queued.
     injected: Notify,
     /// The queue has room again.
@@ -120,6 +123,7 @@ impl Progress {
                 let mut queue = self.inject_queue();
                 if queue.len() < INJECT_QUEUE {
                     queue.push_back(answer);
+                    self.inject_waiting.store(true, Ordering::Release);
                     break;
                 }
             }
@@ -130,10 +134,16 @@ impl Progress {
 
     /// The next queued answer, if any.
     fn injected(&self) -> Option<Vec<u8>> {
+        // A queued answer is also announced on `injected`, which wakes the reader to look
+        // again, so a stale `false` here only defers it to that wake-up.
+        if !self.inject_waiting.load(Ordering::Acquire) {
+            return None;
+        }
         let mut queue = self.inject_queue();
         let answer = queue.pop_front()?;
         if queue.is_empty() {
             *queue = VecDeque::new();
+            self.inject_waiting.store(false, Ordering::Release);
         }
         drop(queue);
         self.inject_room.notify_one();
