@@ -448,22 +448,31 @@ start_gateway() {
 run() {
   local case=$1 mode=$2 rep=$3 json
   shift 3
-  local target=127.0.0.1:${PORT[bench-a]} pid=()
-  if [[ " $* " == *" --tls "* ]]; then target=127.0.0.1:${TLS_PORT[bench-a]}; fi
+  # Direct runs spread the users over both Dovecots (each has all of them), as the gateway
+  # does: both modes then load the same two servers. One Dovecot alone spends less CPU per
+  # login than two (fewer processes to switch between), which would flatter the direct run.
+  local target=(--target "127.0.0.1:${PORT[bench-a]}" --target "127.0.0.1:${PORT[bench-b]}")
+  local pid=()
+  if [[ " $* " == *" --tls "* ]]; then
+    target=(--target "127.0.0.1:${TLS_PORT[bench-a]}" --target "127.0.0.1:${TLS_PORT[bench-b]}")
+  fi
   if [ "$mode" = gateway ]; then
     start_gateway
-    target=127.0.0.1:$GW_PORT
-    [[ " $* " == *" --tls "* ]] && target=127.0.0.1:$GW_TLS_PORT
+    target=(--target "127.0.0.1:$GW_PORT")
+    [[ " $* " == *" --tls "* ]] && target=(--target "127.0.0.1:$GW_TLS_PORT")
     pid=(--pid "$GW_PID")
   fi
-  say "$case/$mode/$rep: loadgen --target $target $*"
-  if ! json=$("$LOADGEN" --target "$target" "${pid[@]}" --label "$case/$mode/$rep" \
+  # Both Dovecots, whole process trees, in both modes: what the backends spent per unit.
+  local dpid
+  for dpid in "${DOVECOT_PIDS[@]}"; do pid+=(--backend-tree "$dpid"); done
+  say "$case/$mode/$rep: loadgen ${target[*]} $*"
+  if ! json=$("$LOADGEN" "${target[@]}" "${pid[@]}" --label "$case/$mode/$rep" \
     --password "$PASSWORD" "$@"); then
     echo "loadgen failed for $case/$mode/$rep" >&2
     return 0
   fi
   printf '%s\n' "$json" >>"$RESULTS"
-  python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print("   ", ", ".join(f"{k} {r[k]}" for k in ("ops", "ops_per_s", "mb_per_s", "target_cpu_ms_per_op", "self_cpu_ms_per_op", "rss_kb_per_session") if r.get(k) is not None), "errors", r["errors"]["count"])' "$json" >&2
+  python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print("   ", ", ".join(f"{k} {r[k]}" for k in ("ops", "ops_per_s", "mb_per_s", "target_cpu_ms_per_op", "backend_cpu_ms_per_op", "self_cpu_ms_per_op", "rss_kb_per_session") if r.get(k) is not None), "errors", r["errors"]["count"])' "$json" >&2
   if [ "$mode" = gateway ] && ! alive "$GW_PID"; then
     echo "THE GATEWAY DIED during $case/$mode/$rep; last log lines:" >&2
     tail -n 20 "$BENCH_DIR/gateway.log" >&2

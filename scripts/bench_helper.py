@@ -117,6 +117,8 @@ def report(path):
                     f"  ratio {fmt(ratio)}  gw CPU {fmt(g.get(cpu_key) if g else None, 3)} ms/"
                     f"{'MB' if kind == 'fetch' else 'login'}  loadgen CPU {fmt(g.get(self_key) if g else None, 3)}"
                     f" (direct {fmt(d.get(self_key) if d else None, 3)})"
+                    f"  Dovecot CPU {fmt((d or {}).get(cpu_key.replace('target', 'backend')), 3)}"
+                    f" -> {fmt((g or {}).get(cpu_key.replace('target', 'backend')), 3)}"
                     f"  errors {d['errors']['count'] if d else '-'}/{g['errors']['count'] if g else '-'}"
                     f"  busy CPUs {fmt((d or {}).get('host_busy_cpus'), 1)}/{fmt((g or {}).get('host_busy_cpus'), 1)}"
                     f"   [{TARGETS.get(case, '')}]"
