@@ -516,14 +516,7 @@ async fn append_cut_by_a_backend_restart_is_stored_once_or_refused() {
     let mut direct = Client::connect(dovecot.addr()).await;
     direct.login("alice", "alicepw").await;
     assert!(tagged_ok(&direct.cmd("SELECT INBOX").await));
-    let found = direct
-        .cmd(&format!("SEARCH HEADER Message-ID \"{id}\""))
-        .await;
-    let search = found
-        .lines()
-        .find(|l| l.starts_with("* SEARCH"))
-        .unwrap_or_else(|| panic!("{found}"));
-    let stored = search.split(' ').skip(2).count();
+    let stored = count_id(&mut direct, &id).await;
     let ok = told.lines().any(|l| l.starts_with("a1 OK"));
     let refused = told
         .lines()
@@ -534,6 +527,8 @@ async fn append_cut_by_a_backend_restart_is_stored_once_or_refused() {
     assert!(refused, "{told:?}");
     assert_eq!(told.matches("* BYE").count(), 1, "{told:?}");
     assert_eq!(last_line(&told).split(' ').nth(1), Some("BYE"), "{told:?}");
+    // The count is a real one: the same message appended whole is found once.
+    assert_eq!(append_and_count(&mut direct, "INBOX", &msg, &id).await, 1);
     drop(direct);
 
     settles_to(before).await;
@@ -542,5 +537,79 @@ async fn append_cut_by_a_backend_restart_is_stored_once_or_refused() {
     again.login("alice", "alicepw").await;
     assert!(tagged_ok(&again.cmd("SELECT INBOX").await));
     drop(again);
+    gw.stop().await;
+}
+
+/// How many messages of the selected mailbox have Message-ID `id`.
+async fn count_id(c: &mut Client, id: &str) -> usize {
+    let found = c.cmd(&format!("SEARCH HEADER Message-ID \"{id}\"")).await;
+    let search = found
+        .lines()
+        .find(|l| l.starts_with("* SEARCH"))
+        .unwrap_or_else(|| panic!("{found}"));
+    search.split(' ').skip(2).count()
+}
+
+/// APPENDs `msg` whole to `mailbox` (selected) and counts the messages with `id` there.
+async fn append_and_count(c: &mut Client, mailbox: &str, msg: &[u8], id: &str) -> usize {
+    c.write(format!("c1 APPEND {mailbox} {{{}+}}\r\n", msg.len()).as_bytes())
+        .await;
+    c.write(msg).await;
+    c.write(b"\r\n").await;
+    let r = c.until_tagged("c1").await;
+    assert!(tagged_ok(&r), "{r}");
+    assert!(tagged_ok(&c.cmd("NOOP").await));
+    count_id(c, id).await
+}
+
+/// The same with the APPEND going to a mounted backend (a session with mounts streams it
+/// itself): the mounted Dovecot restarts mid-literal, only that APPEND is refused with
+/// `NO [UNAVAILABLE]` (never the mounted server's BYE), nothing is stored there, and the
+/// session goes on with its home backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn append_to_a_mount_cut_by_its_restart_is_refused_and_not_stored() {
+    const SIZE: usize = 2 << 20;
+    let home = Dovecot::start(DovecotOptions::default());
+    let mut mounted = Dovecot::start(DovecotOptions::default());
+    mounted.seed_message("alice", "Team", b"Subject: first\r\n\r\nhi\r\n");
+    let routing = format!(
+        "default_pool = [\"home\"]\n{}{}\
+         [[mounts]]\nusers = \"alice\"\nprefix = \"Shared\"\nbackend = \"mounted\"\n",
+        gateway::backend_toml("home", home.addr(), ""),
+        gateway::backend_toml("mounted", mounted.addr(), ""),
+    );
+    let gw = gateway::start(&routing).await;
+    let id = format!("<mount-restart-{}@test>", std::process::id());
+    let mut msg = format!("Subject: restart\r\nMessage-ID: {id}\r\n\r\n").into_bytes();
+    msg.resize(SIZE, b'z');
+
+    let before = census();
+    let mut c = Client::connect(gw.addr).await;
+    c.login("alice", "alicepw").await;
+    c.write(format!("a1 APPEND Shared/Team {{{SIZE}}}\r\n").as_bytes())
+        .await;
+    let cont = c.read_response().await;
+    assert!(cont.starts_with(b"+"), "{}", String::from_utf8_lossy(&cont));
+    c.write(&msg[..SIZE / 2]).await;
+    tokio::task::block_in_place(|| mounted.restart());
+    c.write(&msg[SIZE / 2..]).await;
+    c.write(b"\r\n").await;
+    let told = c.until_tagged("a1").await;
+    assert_eq!(
+        told,
+        "a1 NO [UNAVAILABLE] The server holding this mailbox is not available now\r\n"
+    );
+    let r = c.cmd("SELECT INBOX").await;
+    assert!(tagged_ok(&r), "{r}");
+    assert!(tagged_ok(&c.cmd("LOGOUT").await));
+    drop(c);
+
+    let mut direct = Client::connect(mounted.addr()).await;
+    direct.login("alice", "alicepw").await;
+    assert!(tagged_ok(&direct.cmd("SELECT Team").await));
+    assert_eq!(count_id(&mut direct, &id).await, 0);
+    assert_eq!(append_and_count(&mut direct, "Team", &msg, &id).await, 1);
+    drop(direct);
+    settles_to(before).await;
     gw.stop().await;
 }
