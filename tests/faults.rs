@@ -613,3 +613,92 @@ async fn append_to_a_mount_cut_by_its_restart_is_refused_and_not_stored() {
     settles_to(before).await;
     gw.stop().await;
 }
+
+/// A mounted backend that answers with garbage (a session with mounts reads and rewrites its
+/// responses, unlike the byte relay): the commands on its mailboxes get an answer, the
+/// session stays in step, and nothing leaks.
+#[tokio::test]
+async fn mounted_backend_answering_garbage() {
+    const GARBAGE: &[u8] = b"\x00\xff\xfe\x07 junk\r\n+ \x01\r\n\
+        * 1 FETCH {99999999999999999999999}\r\n* 2 X {5}\r\n\x00\r\n\xff\xfe)\r\n\
+        * LIST (\\Noselect \"/\" {3}\r\nabc\r\n* STATUS {2}\r\nxy (MESSAGES x)\r\n";
+    let (addr, log) = fake::start_fault(Fault::GarbageAfterLogin(GARBAGE)).await;
+    let mount = "[[mounts]]\nusers = \"alice\"\nprefix = \"Shared\"\nbackend = \"faulty\"\n";
+    let scene = Scene::start(&faulty_backend(addr, ""), mount).await;
+    let mut c = Client::connect(scene.gw.addr).await;
+    c.login("alice", "alicepw").await;
+    // The client's tags go t2, t3, ...: each answer ends in its own command's tagged line.
+    for (n, command) in (2..).zip([
+        "STATUS Shared/x (MESSAGES)",
+        "SELECT Shared/x",
+        "FETCH 1 BODY[]",
+        "LIST \"\" \"*\"",
+        "CREATE Shared/y",
+        "NOOP",
+    ]) {
+        let r = c.cmd(command).await;
+        let tagged = last_line(&r);
+        assert!(tagged.starts_with(&format!("t{n} OK ")), "{command}: {r:?}");
+    }
+    assert!(log.lock().unwrap().faulted > 0);
+    assert!(tagged_ok(&c.cmd("SELECT INBOX").await));
+    assert!(tagged_ok(&c.cmd("LOGOUT").await));
+    drop(c);
+    scene.check_and_stop().await;
+}
+
+/// The home backend of a session with mounts dies inside a FETCH literal: as in the byte
+/// relay, nothing may follow the cut literal (a BYE would read as message data).
+#[tokio::test]
+async fn home_backend_of_a_session_with_mounts_dying_mid_fetch_literal() {
+    let (addr, log) = fake::start_fault(Fault::DieMidFetch {
+        size: 1000,
+        sent: 400,
+    })
+    .await;
+    let mount = "[[mounts]]\nusers = \"victim\"\nprefix = \"Shared\"\nbackend = \"dovecot\"\n";
+    let scene = Scene::start(&faulty_backend(addr, ""), mount).await;
+    let mut c = Client::connect(scene.gw.addr).await;
+    c.login("victim", "pw").await;
+    assert!(tagged_ok(&c.cmd("SELECT INBOX").await));
+    c.write(b"f1 FETCH 1 BODY[]\r\n").await;
+    let mut expected = b"* 1 FETCH (BODY[] {1000}\r\n".to_vec();
+    expected.resize(expected.len() + 400, b'x');
+    let got = c.read_to_end().await;
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(&expected)
+    );
+    assert_eq!(log.lock().unwrap().faulted, 1);
+    drop(c);
+    scene.check_and_stop().await;
+}
+
+/// A mounted backend dies inside a FETCH literal. Its mailboxes becoming unavailable is not
+/// enough here: the client holds a cut message, and any answer after it (a tagged NO, the
+/// next command's) would be read as the rest of that message. The session ends without a
+/// word instead, as the byte relay does.
+#[tokio::test]
+async fn mounted_backend_dying_mid_fetch_literal_ends_the_session() {
+    let (addr, log) = fake::start_fault(Fault::DieMidFetch {
+        size: 1000,
+        sent: 400,
+    })
+    .await;
+    let mount = "[[mounts]]\nusers = \"alice\"\nprefix = \"Shared\"\nbackend = \"faulty\"\n";
+    let scene = Scene::start(&faulty_backend(addr, ""), mount).await;
+    let mut c = Client::connect(scene.gw.addr).await;
+    c.login("alice", "alicepw").await;
+    assert!(tagged_ok(&c.cmd("SELECT Shared/x").await));
+    c.write(b"f1 FETCH 1 BODY[]\r\n").await;
+    let mut expected = b"* 1 FETCH (BODY[] {1000}\r\n".to_vec();
+    expected.resize(expected.len() + 400, b'x');
+    let got = c.read_to_end().await;
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(&expected)
+    );
+    assert_eq!(log.lock().unwrap().faulted, 1);
+    drop(c);
+    scene.check_and_stop().await;
+}

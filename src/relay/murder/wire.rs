@@ -26,8 +26,12 @@ pub enum WireError {
 /// Where forwarding a message failed.
 #[derive(Debug)]
 pub enum ForwardError {
-    /// Reading from this side failed.
+    /// Reading from this side failed, between two messages as far as the other side knows.
     Source,
+    /// Reading from this side failed after part of a message had gone to the other side:
+    /// that side holds a cut message (inside a literal, perhaps), and whatever is written to
+    /// it next would be read as the rest of it.
+    Cut,
     /// Writing to the other side failed.
     Sink,
 }
@@ -155,11 +159,18 @@ impl Wire {
         more: impl Fn(&[u8]) -> bool,
     ) -> Result<(), ForwardError> {
         let mut framer = Framer::new(self.max_line, u64::MAX);
+        // Part of a message went to `out` and the rest has not.
+        let mut cut = false;
+        let lost = |cut: bool| {
+            if cut {
+                ForwardError::Cut
+            } else {
+                ForwardError::Source
+            }
+        };
         loop {
             if self.start == self.end {
-                self.fill(BUF_SIZE)
-                    .await
-                    .map_err(|_| ForwardError::Source)?;
+                self.fill(BUF_SIZE).await.map_err(|_| lost(cut))?;
             }
             let mut pos = self.start;
             let mut done = false;
@@ -177,13 +188,14 @@ impl Wire {
                         }
                     }
                     Ok(Piece::LiteralData { len, .. }) => pos += len,
-                    Err(_) => return Err(ForwardError::Source),
+                    Err(_) => return Err(lost(cut)),
                 }
             }
             if let Some(w) = out.as_mut() {
                 w.write_all(&self.buf[self.start..pos])
                     .await
                     .map_err(|_| ForwardError::Sink)?;
+                cut = !framer.at_message_start();
             }
             self.consume(pos - self.start);
             if done {
