@@ -73,6 +73,33 @@ async fn settles_to(before: Census) {
     }
 }
 
+/// The census of a gateway that is up and serving: its accept loop and helpers start only
+/// once its task first runs, so a connection is made and closed first, and the count is
+/// taken when no session is left and it has stopped moving.
+async fn warm_census(gw: &TestGateway) -> Census {
+    let mut c = Client::connect(gw.addr).await;
+    assert!(c.read_response().await.starts_with(b"* OK"));
+    drop(c);
+    until("the warm-up session is over", || {
+        gw.shared.lifecycle.sessions() == 0
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + common::imap::WAIT;
+    let mut last = census();
+    let mut same = 0;
+    while same < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never still: {last:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let now = census();
+        same = if now == last { same + 1 } else { 0 };
+        last = now;
+    }
+    last
+}
+
 /// A gateway in front of Dovecot (the default pool) and a faulty backend (user `victim`,
 /// or whatever `routing_extra` routes there), with bob logged in on Dovecot, INBOX selected.
 struct Scene {
@@ -390,6 +417,7 @@ async fn backend_tls_handshake_failing() {
     let our_ca = TestCa::new(dir.path());
     let tls = tls_backend(&cert, &key).await;
     let (plain, _) = fake::start_fault(Fault::GarbageAfterLogin(b"")).await;
+    let (injecting, _) = fake::start_fault(Fault::StarttlsInjection).await;
 
     let untrusted = faulty_backend(
         tls,
@@ -403,7 +431,10 @@ async fn backend_tls_handshake_failing() {
          ca_file = \"{ours}\"\n\
          [[backends]]\nname = \"control\"\naddress = \"{tls}\"\ntls = \"implicit\"\n\
          ca_file = \"{theirs}\"\n\
+         [[backends]]\nname = \"injecting\"\naddress = \"{injecting}\"\ntls = \"starttls\"\n\
+         ca_file = \"{ours}\"\n\
          [[routes]]\nuser = \"plain\"\nbackend = \"plaintext\"\n\
+         [[routes]]\nuser = \"injected\"\nbackend = \"injecting\"\n\
          [[routes]]\nuser = \"control\"\nbackend = \"control\"\n",
         ours = our_ca.ca_path.display(),
         theirs = their_ca_path.display(),
@@ -423,6 +454,21 @@ async fn backend_tls_handshake_failing() {
         .with_label_values(&["plaintext", "tls"])
         .get();
     assert_eq!(failures, 1);
+    // Bytes after the STARTTLS answer were sent before TLS: refused, never read after it.
+    assert_eq!(
+        c.cmd("LOGIN injected pw").await,
+        LOGIN_UNAVAILABLE.replace("t1", "t2")
+    );
+    let failures = |kind| {
+        scene
+            .gw
+            .shared
+            .metrics
+            .backend_connect_failures
+            .with_label_values(&["injecting", kind])
+            .get()
+    };
+    assert_eq!(failures("protocol"), 1);
     assert!(tagged_ok(&c.cmd("LOGIN control pw").await));
     assert!(tagged_ok(&c.cmd("LOGOUT").await));
     drop(c);
@@ -498,7 +544,7 @@ async fn append_cut_by_a_backend_restart_is_stored_once_or_refused() {
     let mut msg = format!("Subject: restart\r\nMessage-ID: {id}\r\n\r\n").into_bytes();
     msg.resize(SIZE, b'z');
 
-    let before = census();
+    let before = warm_census(&gw).await;
     let mut c = Client::connect(gw.addr).await;
     c.login("alice", "alicepw").await;
     c.write(format!("a1 APPEND INBOX {{{SIZE}}}\r\n").as_bytes())
@@ -583,7 +629,7 @@ async fn append_to_a_mount_cut_by_its_restart_is_refused_and_not_stored() {
     let mut msg = format!("Subject: restart\r\nMessage-ID: {id}\r\n\r\n").into_bytes();
     msg.resize(SIZE, b'z');
 
-    let before = census();
+    let before = warm_census(&gw).await;
     let mut c = Client::connect(gw.addr).await;
     c.login("alice", "alicepw").await;
     c.write(format!("a1 APPEND Shared/Team {{{SIZE}}}\r\n").as_bytes())
@@ -701,4 +747,47 @@ async fn mounted_backend_dying_mid_fetch_literal_ends_the_session() {
     assert_eq!(log.lock().unwrap().faulted, 1);
     drop(c);
     scene.check_and_stop().await;
+}
+
+/// A client that dies inside a big APPEND to a mounted Dovecot (streamed by the session with
+/// mounts): the mounted server stores nothing, and the gateway keeps nothing of the session.
+#[tokio::test]
+async fn client_dying_mid_append_literal_to_a_mount() {
+    const SIZE: usize = 2 << 20;
+    let home = Dovecot::start(DovecotOptions::default());
+    let mounted = Dovecot::start(DovecotOptions::default());
+    mounted.seed_message("alice", "Team", b"Subject: first\r\n\r\nhi\r\n");
+    let routing = format!(
+        "default_pool = [\"home\"]\n{}{}\
+         [[mounts]]\nusers = \"alice\"\nprefix = \"Shared\"\nbackend = \"mounted\"\n",
+        gateway::backend_toml("home", home.addr(), ""),
+        gateway::backend_toml("mounted", mounted.addr(), ""),
+    );
+    let gw = gateway::start(&routing).await;
+    let id = format!("<mount-vanish-{}@test>", std::process::id());
+    let mut msg = format!("Subject: vanish\r\nMessage-ID: {id}\r\n\r\n").into_bytes();
+    msg.resize(SIZE, b'z');
+
+    let before = warm_census(&gw).await;
+    let mut c = Client::connect(gw.addr).await;
+    c.login("alice", "alicepw").await;
+    c.write(format!("a1 APPEND Shared/Team {{{SIZE}}}\r\n").as_bytes())
+        .await;
+    let cont = c.read_response().await;
+    assert!(cont.starts_with(b"+"), "{}", String::from_utf8_lossy(&cont));
+    c.write(&msg[..SIZE / 2]).await;
+    drop(c);
+    settles_to(before).await;
+    until("the mounted Dovecot saw the session end", || {
+        mounted.log_contents().contains("Disconnected")
+    })
+    .await;
+
+    let mut direct = Client::connect(mounted.addr()).await;
+    direct.login("alice", "alicepw").await;
+    assert!(tagged_ok(&direct.cmd("SELECT Team").await));
+    assert_eq!(count_id(&mut direct, &id).await, 0);
+    assert_eq!(append_and_count(&mut direct, "Team", &msg, &id).await, 1);
+    drop(direct);
+    gw.stop().await;
 }

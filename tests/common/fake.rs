@@ -150,6 +150,9 @@ pub enum Fault {
     DieMidAppend { read: usize },
     /// After login, answers every command with these bytes, then a tagged OK.
     GarbageAfterLogin(&'static [u8]),
+    /// Accepts STARTTLS and, in the same write, adds a response of its own after the OK,
+    /// as an attacker on the path would to have it read after the handshake.
+    StarttlsInjection,
 }
 
 /// What the scripted backend has seen, for tests that must know the fault was reached.
@@ -202,7 +205,11 @@ async fn serve_fault(sock: tokio::net::TcpStream, fault: Fault, log: SharedFault
         }
         _ => {}
     }
-    let caps = "IMAP4rev1 LITERAL+ SASL-IR AUTH=PLAIN ID";
+    let caps = if matches!(fault, Fault::StarttlsInjection) {
+        "IMAP4rev1 STARTTLS LITERAL+ SASL-IR AUTH=PLAIN ID"
+    } else {
+        "IMAP4rev1 LITERAL+ SASL-IR AUTH=PLAIN ID"
+    };
     let _ = w
         .write_all(format!("* OK [CAPABILITY {caps}] fake ready\r\n").as_bytes())
         .await;
@@ -214,6 +221,11 @@ async fn serve_fault(sock: tokio::net::TcpStream, fault: Fault, log: SharedFault
         }
         let tag = line.split(' ').next().unwrap_or("*").to_owned();
         let upper = line.to_ascii_uppercase();
+        if let (Fault::StarttlsInjection, true) = (&fault, upper.contains(" STARTTLS")) {
+            let answer = format!("{tag} OK Begin TLS\r\n* OK [CAPABILITY IMAP4rev1] injected\r\n");
+            let _ = w.write_all(answer.as_bytes()).await;
+            return drain(&mut r).await;
+        }
         if upper.contains(" AUTHENTICATE ") || upper.contains(" LOGIN ") {
             if let Fault::GarbageLogin(bytes) = fault {
                 let _ = w.write_all(bytes).await;
