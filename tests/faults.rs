@@ -14,7 +14,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::dovecot::{Dovecot, DovecotOptions};
@@ -24,8 +23,6 @@ use common::imap::{Client, last_line, tagged_ok};
 use common::tls::TestCa;
 use common::wait::until;
 use imap_gateway::config::Config;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpListener;
 
 /// What a client is told when its backend cannot be logged into, whatever the reason.
 const LOGIN_UNAVAILABLE: &str =
@@ -344,66 +341,6 @@ async fn backend_garbage_after_login_is_relayed_untouched() {
     scene.check_and_stop().await;
 }
 
-/// A TLS server for the gateway to fail against: `cert`/`key` make its certificate. It greets
-/// and logs anyone in, so that with a trusted certificate the login works.
-async fn tls_backend(cert: &std::path::Path, key: &std::path::Path) -> SocketAddr {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    let key = PrivateKeyDer::from_pem_file(key).unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((sock, _)) = listener.accept().await else {
-                return;
-            };
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(sock).await else {
-                    return;
-                };
-                let (r, mut w) = tokio::io::split(tls);
-                let mut r = BufReader::new(r);
-                let caps = "IMAP4rev1 SASL-IR AUTH=PLAIN";
-                let _ = w
-                    .write_all(format!("* OK [CAPABILITY {caps}] tls fake\r\n").as_bytes())
-                    .await;
-                let mut line = String::new();
-                loop {
-                    line.clear();
-                    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    let tag = line.split(' ').next().unwrap_or("*").to_owned();
-                    let answer = if line.contains(" LOGOUT") {
-                        format!("* BYE bye\r\n{tag} OK done\r\n")
-                    } else {
-                        format!("* CAPABILITY {caps}\r\n{tag} OK done\r\n")
-                    };
-                    if w.write_all(answer.as_bytes()).await.is_err() || line.contains(" LOGOUT") {
-                        let _ = w.shutdown().await;
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 /// A backend with `tls = "implicit"` whose handshake fails: one speaks plain IMAP, one
 /// presents a certificate from a CA the gateway does not trust. The same server with its CA
 /// trusted (user `control`) logs in, so the failure is the certificate's.
@@ -415,7 +352,7 @@ async fn backend_tls_handshake_failing() {
     let their_ca_path = dir.path().join("their-ca.pem");
     std::fs::rename(&their_ca.ca_path, &their_ca_path).unwrap();
     let our_ca = TestCa::new(dir.path());
-    let tls = tls_backend(&cert, &key).await;
+    let (tls, _) = fake::start_tls(&cert, &key, false).await;
     let (plain, _) = fake::start_fault(Fault::GarbageAfterLogin(b"")).await;
     let (injecting, _) = fake::start_fault(Fault::StarttlsInjection).await;
 

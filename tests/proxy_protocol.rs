@@ -409,6 +409,34 @@ async fn backend_with_send_proxy_protocol_gets_the_client_address_first() {
     gw.stop().await;
 }
 
+/// With `tls = "implicit"` the header goes first, in clear, and the TLS handshake after it:
+/// a backend reading the header before the ClientHello (as Dovecot and HAProxy do) logs in.
+#[tokio::test]
+async fn send_proxy_protocol_comes_before_the_backends_tls_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path());
+    let (cert, key) = ca.issue(dir.path(), "backend", &["localhost", "127.0.0.1"]);
+    let (backend, headers) = fake::start_tls(&cert, &key, true).await;
+    let routing = format!(
+        "default_pool = [\"b\"]\n[[backends]]\nname = \"b\"\naddress = \"{backend}\"\n\
+         tls = \"implicit\"\nca_file = \"{}\"\nsend_proxy_protocol = true\n",
+        ca.ca_path.display()
+    );
+    let gw = gateway::start(&routing).await;
+    let tcp = tcp_from([127, 0, 0, 9], gw.addr).await;
+    let source = tcp.local_addr().unwrap();
+    let mut client = Client::from_io(Box::new(tcp));
+    client.login("alice", "pw").await;
+    assert!(tagged_ok(&client.cmd("LOGOUT").await));
+    let expected = ProxyHeader::Proxied {
+        source,
+        destination: gw.addr,
+    };
+    assert_eq!(*headers.lock().unwrap(), [expected]);
+    drop(client);
+    gw.stop().await;
+}
+
 /// Against Dovecot with `haproxy = yes` on its listener: the login works only because the
 /// header comes first, and Dovecot logs the address the header gave. The backend is not
 /// `trusted`, so no ID is sent: the address can only have come from the header.

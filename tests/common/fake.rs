@@ -285,7 +285,6 @@ pub type Headers = std::sync::Arc<std::sync::Mutex<Vec<imap_gateway::proto::prox
 /// protocol header, which is decoded with the gateway's own parser (the one its listeners
 /// use) and recorded; a connection without one is closed unanswered.
 pub async fn start_expecting_proxy(caps: &'static str) -> (SocketAddr, Headers) {
-    use imap_gateway::proto::proxy::{Scan, scan};
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let headers = Headers::default();
@@ -297,20 +296,9 @@ pub async fn start_expecting_proxy(caps: &'static str) -> (SocketAddr, Headers) 
             };
             let record = record.clone();
             tokio::spawn(async move {
-                let mut got = Vec::new();
-                let (header, len) = loop {
-                    let mut byte = [0u8; 1];
-                    if sock.read(&mut byte).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    got.push(byte[0]);
-                    match scan(&got) {
-                        Ok(Scan::Complete { header, len }) => break (header, len),
-                        Ok(Scan::Incomplete) => {}
-                        Err(_) => return,
-                    }
+                let Some(header) = read_proxy_header(&mut sock).await else {
+                    return;
                 };
-                assert_eq!(len, got.len(), "read one byte at a time");
                 record.lock().unwrap().push(header);
                 let _ = sock
                     .write_all(format!("* OK [CAPABILITY {caps}] fake ready\r\n").as_bytes())
@@ -340,4 +328,100 @@ pub async fn start_expecting_proxy(caps: &'static str) -> (SocketAddr, Headers) 
         }
     });
     (addr, headers)
+}
+
+/// A TLS server with the certificate `cert`/`key` that greets, logs anyone in and answers
+/// every command OK. With `expect_proxy`, each connection must start with a PROXY header
+/// before the TLS handshake; the decoded headers are returned.
+pub async fn start_tls(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    expect_proxy: bool,
+) -> (SocketAddr, Headers) {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let headers = Headers::default();
+    let record = headers.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            let record = record.clone();
+            tokio::spawn(async move {
+                if expect_proxy {
+                    let Some(header) = read_proxy_header(&mut sock).await else {
+                        return;
+                    };
+                    record.lock().unwrap().push(header);
+                }
+                let Ok(tls) = acceptor.accept(sock).await else {
+                    return;
+                };
+                let (r, mut w) = tokio::io::split(tls);
+                let mut r = BufReader::new(r);
+                let caps = "IMAP4rev1 SASL-IR AUTH=PLAIN";
+                let _ = w
+                    .write_all(format!("* OK [CAPABILITY {caps}] tls fake\r\n").as_bytes())
+                    .await;
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let tag = line.split(' ').next().unwrap_or("*").to_owned();
+                    let logout = line.to_ascii_uppercase().contains(" LOGOUT");
+                    let answer = if logout {
+                        format!("* BYE bye\r\n{tag} OK done\r\n")
+                    } else {
+                        format!("* CAPABILITY {caps}\r\n{tag} OK done\r\n")
+                    };
+                    if w.write_all(answer.as_bytes()).await.is_err() || logout {
+                        let _ = w.shutdown().await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, headers)
+}
+
+/// Reads a PROXY header a byte at a time (so nothing after it is consumed) and decodes it
+/// with the gateway's own parser; None when the connection starts with anything else.
+async fn read_proxy_header(
+    sock: &mut tokio::net::TcpStream,
+) -> Option<imap_gateway::proto::proxy::ProxyHeader> {
+    use imap_gateway::proto::proxy::{Scan, scan};
+    let mut got = Vec::new();
+    loop {
+        let mut byte = [0u8; 1];
+        if sock.read(&mut byte).await.unwrap_or(0) == 0 {
+            return None;
+        }
+        got.push(byte[0]);
+        match scan(&got) {
+            Ok(Scan::Complete { header, .. }) => return Some(header),
+            Ok(Scan::Incomplete) => {}
+            Err(_) => return None,
+        }
+    }
 }
