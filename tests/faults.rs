@@ -450,6 +450,8 @@ async fn client_garbage_after_login() {
         b"x {99999999999999999999999}\r\n",
         b"+ \r\n",
         b"\r\n",
+        b"a1 NOSUCH {5}\r\n",
+        b"\x01 APPEND INBOX {5}\r\n",
     ] {
         c.write(garbage).await;
         let r = String::from_utf8_lossy(&c.read_response().await).into_owned();
