@@ -239,3 +239,48 @@ impl Wire {
         self.stream.write_all(bytes).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A wire reading what `peer_sends` wrote before closing.
+    async fn wire_of(peer_sends: &'static [u8]) -> Wire {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut peer = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (ours, _) = listener.accept().await.unwrap();
+        peer.write_all(peer_sends).await.unwrap();
+        drop(peer);
+        Wire::new(Stream::Plain(ours), Vec::new(), 1024)
+    }
+
+    #[tokio::test]
+    async fn a_source_lost_inside_a_forwarded_message_is_a_cut() {
+        let mut wire = wire_of(b"* 1 FETCH (BODY[] {10}\r\nabc").await;
+        let mut out = Vec::new();
+        assert!(matches!(
+            wire.forward(Some(&mut out)).await,
+            Err(ForwardError::Cut)
+        ));
+        assert_eq!(out, b"* 1 FETCH (BODY[] {10}\r\nabc");
+    }
+
+    #[tokio::test]
+    async fn a_source_lost_between_messages_or_while_dropping_is_not() {
+        let mut wire = wire_of(b"* OK first\r\n").await;
+        let mut out = Vec::new();
+        assert!(wire.forward(Some(&mut out)).await.is_ok());
+        assert!(matches!(
+            wire.forward(Some(&mut out)).await,
+            Err(ForwardError::Source)
+        ));
+        // Nothing of a dropped message reaches anyone: there is nothing to cut.
+        let mut wire = wire_of(b"* 1 FETCH (BODY[] {10}\r\nabc").await;
+        assert!(matches!(
+            wire.forward::<Vec<u8>>(None).await,
+            Err(ForwardError::Source)
+        ));
+    }
+}
