@@ -11,6 +11,8 @@ pub mod murder;
 mod pending;
 mod splice;
 
+pub use self::splice::pooled_pipes;
+
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};

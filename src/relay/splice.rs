@@ -24,6 +24,11 @@ const MAX_FREE: usize = 32;
 
 static FREE: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
 
+/// Idle pipes in the pool (two descriptors each), for leak accounting.
+pub fn pooled_pipes() -> usize {
+    FREE.lock().unwrap_or_else(PoisonError::into_inner).len()
+}
+
 /// Why a splice transfer stopped early.
 #[derive(Debug)]
 pub enum SpliceError {
