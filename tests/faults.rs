@@ -56,7 +56,7 @@ impl Census {
 }
 
 fn census() -> Census {
-    let (mut fds, mut pipes) = (0, 0);
+    let (mut fds, mut pipes) = (0usize, 0usize);
     for entry in std::fs::read_dir("/proc/self/fd").expect("/proc/self/fd") {
         // An entry can vanish between listing and reading (the listing's own descriptor).
         let Ok(target) = entry.and_then(|e| std::fs::read_link(e.path())) else {
