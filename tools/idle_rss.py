@@ -163,7 +163,7 @@ def start_dovecot(root, users, extra):
     return proc, port
 
 
-def start_gateway(root, binary, backend_port, wrap):
+def start_gateway(root, binary, backend_port, wrap, log_level):
     port = free_port()
     with open(f"{root}/routing.toml", "w") as f:
         f.write(f'default_pool = ["dc"]\n\n[[backends]]\nname = "dc"\n'
@@ -171,7 +171,7 @@ def start_gateway(root, binary, backend_port, wrap):
     with open(f"{root}/gateway.toml", "w") as f:
         f.write(f'routing_table = "routing.toml"\n\n[[listeners]]\nname = "plain"\n'
                 f'address = "127.0.0.1:{port}"\nmode = "plain"\nallow_plaintext_auth = true\n\n'
-                f'[admin]\nenabled = false\n\n[log]\nlevel = "warn"\n')
+                f'[admin]\nenabled = false\n\n[log]\nlevel = "{log_level}"\n')
     log = open(f"{root}/gateway.log", "w")
     proc = subprocess.Popen(wrap + [binary, "-c", f"{root}/gateway.toml", "run"],
                             stdin=subprocess.DEVNULL, stdout=log, stderr=log,
@@ -275,6 +275,7 @@ def main():
     ap.add_argument("--wrap", default="",
                     help="run the gateway under this, e.g. 'heaptrack -o /tmp/ht' "
                          "(RSS then includes the profiler's overhead)")
+    ap.add_argument("--log-level", default="warn", help="the gateway's [log] level")
     ap.add_argument("--hold", type=float, default=0, help="seconds to hold the last step")
     ap.add_argument("--worker", nargs=3, type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -288,7 +289,7 @@ def main():
     gateway = None
     workers = []
     try:
-        gateway, gport = start_gateway(root, os.path.abspath(args.gateway), dport, args.wrap.split())
+        gateway, gport = start_gateway(root, os.path.abspath(args.gateway), dport, args.wrap.split(), args.log_level)
         pid = gateway_pid(gateway.pid, root)
         before = settle(pid, 1)
         print(f"gateway pid {pid}, before: {before}", flush=True)
