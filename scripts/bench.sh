@@ -25,6 +25,8 @@
 #   --size BYTES          size of those messages [2000000]
 #   --repeat N            run the whole set N times [1]
 #   --gw-log LEVEL        the gateway's log level [info]
+#   --gw-perf TOML        extra lines for the gateway's [performance] section, e.g.
+#                         'splice = false' or 'worker_threads = 1' (to measure what they do)
 #   --out DIR             results directory [target/bench/<timestamp>]
 # Environment: BENCH_DIR (state: configs, mail, logs) [/var/tmp/imap-gateway-bench];
 # BENCH_PORT (first of the loopback ports: BENCH_PORT..+11, and +20.. for the extra gateway
@@ -53,6 +55,7 @@ MESSAGES=5
 SIZE=2000000
 REPEAT=1
 GW_LOG=info
+GW_PERF=
 OUT=
 PASSWORD=benchpw
 MAIL_USER=imapgwbench
@@ -81,6 +84,7 @@ while [ $# -gt 0 ]; do
   --size) SIZE=$2 ;;
   --repeat) REPEAT=$2 ;;
   --gw-log) GW_LOG=$2 ;;
+  --gw-perf) GW_PERF=$2 ;;
   --out) OUT=$2 ;;
   *) die "unknown option $1 (see the head of $0)" ;;
   esac
@@ -422,6 +426,9 @@ address = "127.0.0.1:$GW_ADMIN_PORT"
 
 [log]
 level = "$GW_LOG"
+
+[performance]
+$GW_PERF
 EOF
 cat >"$BENCH_DIR/routing.toml" <<EOF
 # Written by scripts/bench.sh: users spread over both backends by rendezvous hashing.
@@ -474,6 +481,9 @@ address = "127.0.0.1:$((BASE + 40 + k))"
 
 [log]
 level = "$GW_LOG"
+
+[performance]
+$GW_PERF
 EOF2
     "$GATEWAY" run --config "$conf" </dev/null >>"$BENCH_DIR/gateway.log" 2>&1 &
     GW_EXTRA_PIDS+=($!)

@@ -140,10 +140,11 @@ fn init_logging(config: &Config) {
 
 fn run(config: Config) -> ExitCode {
     init_logging(&config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if config.performance.worker_threads > 0 {
+        builder.worker_threads(config.performance.worker_threads);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("cannot start runtime: {e}");

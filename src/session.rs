@@ -166,6 +166,7 @@ async fn relay(open: Open, shared: &Shared) -> SessionEnd {
         max_backend_line: limits.max_backend_line,
         backend_logout: shared.config.timeouts.backend_logout,
         rewrite_referrals: !capability::has(&backend.capabilities, "MAILBOX-REFERRALS"),
+        splice: shared.config.performance.splice,
     };
     let ctx = RelayContext {
         stop: stop.clone(),

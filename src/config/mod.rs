@@ -29,6 +29,7 @@ const SECTIONS: &[&str] = &[
     "log",
     "admin",
     "reload",
+    "performance",
 ];
 
 #[derive(Debug, Error)]
@@ -51,6 +52,7 @@ pub struct Config {
     pub log: LogConfig,
     pub admin: AdminConfig,
     pub reload: ReloadConfig,
+    pub performance: PerformanceConfig,
 }
 
 impl Default for Config {
@@ -64,6 +66,7 @@ impl Default for Config {
             log: LogConfig::default(),
             admin: AdminConfig::default(),
             reload: ReloadConfig::default(),
+            performance: PerformanceConfig::default(),
         }
     }
 }
@@ -316,6 +319,27 @@ impl Default for LogConfig {
         Self {
             format: LogFormat::Text,
             level: "info".into(),
+        }
+    }
+}
+
+/// Settings that change how fast the gateway works, not what it does.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PerformanceConfig {
+    /// Threads of the async runtime; 0: one per CPU the process may use (a container's CPU
+    /// quota included). Set it to the pod's CPU limit when the quota is not visible.
+    pub worker_threads: usize,
+    /// Move literal data between two plain TCP connections with splice(2), inside the
+    /// kernel. Off: every byte passes through the gateway's buffers (as with TLS).
+    pub splice: bool,
+}
+
+impl Default for PerformanceConfig {
+    fn default() -> Self {
+        Self {
+            worker_threads: 0,
+            splice: true,
         }
     }
 }

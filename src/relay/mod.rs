@@ -53,6 +53,8 @@ pub struct RelayOptions {
     pub backend_logout: Duration,
     /// Rewrite RLIST/RLSUB to LIST/LSUB (the backend lacks MAILBOX-REFERRALS).
     pub rewrite_referrals: bool,
+    /// Move large literals with splice(2) when both legs are plain TCP.
+    pub splice: bool,
 }
 
 /// How a relayed session ended.
@@ -421,7 +423,8 @@ async fn upstream(
         progress
             .at_boundary
             .store(framer.at_message_start() && filled == 0, Ordering::Release);
-        if swallow.is_none()
+        if opts.splice
+            && swallow.is_none()
             && filled == 0
             && let Some(left) = framer.literal_remaining()
             && left >= splice::MIN_SPLICE
@@ -592,7 +595,8 @@ async fn downstream(
             filled = 0;
         }
         buf::normalize(&mut slot, 0);
-        if let Some(left) = framer.literal_remaining()
+        if opts.splice
+            && let Some(left) = framer.literal_remaining()
             && left >= splice::MIN_SPLICE
             && let (ReadHalf::Plain(from), WriteHalf::Plain(to)) = (&*backend, &*client)
         {

@@ -7,6 +7,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use tokio::io::Interest;
@@ -23,6 +24,9 @@ const PIPE_SIZE: i32 = 256 * 1024;
 const MAX_FREE: usize = 32;
 
 static FREE: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
+/// Cleared when the kernel refuses splice on these sockets (a seccomp filter, say): from
+/// then on every literal takes the buffered path.
+static USABLE: AtomicBool = AtomicBool::new(true);
 
 /// Idle pipes in the pool (two descriptors each), for leak accounting.
 pub fn pooled_pipes() -> usize {
@@ -104,6 +108,14 @@ impl Drop for Loan {
     }
 }
 
+/// Errors that say splice cannot work here at all, as opposed to a connection failing.
+fn refused(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::ENOSYS | libc::EPERM | libc::EOPNOTSUPP)
+    )
+}
+
 fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: both descriptors are open for the duration of the call; null offsets mean
     // "current position", as pipes and sockets require.
@@ -130,6 +142,9 @@ pub async fn transfer(
     len: u64,
     mut moved: impl FnMut(usize),
 ) -> Result<bool, SpliceError> {
+    if !USABLE.load(Ordering::Relaxed) {
+        return Ok(false);
+    }
     let Some(mut loan) = Loan::take() else {
         return Ok(false);
     };
@@ -138,6 +153,7 @@ pub async fn transfer(
     };
     let (pipe_r, pipe_w) = (pipe.read.as_raw_fd(), pipe.write.as_raw_fd());
     let mut left = len;
+    let mut first = true;
     while left > 0 {
         // The pipe is empty here, so EAGAIN can only mean the socket has nothing yet.
         let want = usize::try_from(left).unwrap_or(usize::MAX);
@@ -149,9 +165,16 @@ pub async fn transfer(
                 Ok(0) => return Err(SpliceError::Source),
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if first && refused(&e) => {
+                    // Nothing has moved yet: the caller can still relay the bytes itself.
+                    USABLE.store(false, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "splice refused by the kernel; relaying literals through buffers");
+                    return Ok(false);
+                }
                 Err(_) => return Err(SpliceError::Source),
             }
         };
+        first = false;
         loan.queued = filled;
         left -= filled as u64;
         while loan.queued > 0 {
