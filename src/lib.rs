@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod backend;
 pub mod config;
+pub mod limits;
 pub mod metrics;
 pub mod net;
 pub mod preauth;
