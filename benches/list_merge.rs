@@ -191,6 +191,7 @@ impl Session {
             max_backend_line: 16 * 1024 * 1024,
             backend_logout: Duration::from_secs(1),
             rewrite_referrals: false,
+            autologout: imap_gateway::config::MIN_AUTOLOGOUT,
         };
         let ctx = RelayContext {
             stop: Stop::never(),

@@ -15,6 +15,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use prometheus::IntGauge;
 use thiserror::Error;
 
 use crate::config::cidr::Cidr;
@@ -28,6 +29,18 @@ pub enum LimitError {
     ConnectionsPerIp,
     #[error("too many sessions for this user")]
     SessionsPerUser,
+}
+
+impl LimitError {
+    /// The BYE a refused connection gets (a refused login gets a tagged `NO [LIMIT]`).
+    pub fn bye(self) -> &'static [u8] {
+        match self {
+            LimitError::ConnectionsPerIp => {
+                b"* BYE [UNAVAILABLE] Too many connections from your address, try again later\r\n"
+            }
+            _ => b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n",
+        }
+    }
 }
 
 /// A client address as the limits group them: an IPv4 address, or the /64 an IPv6 address
@@ -100,17 +113,25 @@ pub struct ConnLimiter {
     exempt: Vec<Cidr>,
     total: AtomicUsize,
     per_ip: Counts<IpKey>,
+    /// Follows `total`, for the metrics.
+    gauge: IntGauge,
 }
 
 impl ConnLimiter {
     /// `0` for either maximum means no limit; `exempt` networks have no per-address limit.
-    pub fn new(max_total: usize, max_per_ip: usize, exempt: Vec<Cidr>) -> Arc<Self> {
+    pub fn new(
+        max_total: usize,
+        max_per_ip: usize,
+        exempt: Vec<Cidr>,
+        gauge: IntGauge,
+    ) -> Arc<Self> {
         Arc::new(Self {
             max_total,
             max_per_ip,
             exempt,
             total: AtomicUsize::new(0),
             per_ip: Counts::new(),
+            gauge,
         })
     }
 
@@ -122,6 +143,7 @@ impl ConnLimiter {
             self.total.fetch_sub(1, Ordering::AcqRel);
             return Err(LimitError::Connections);
         }
+        self.gauge.inc();
         Ok(ConnSlot {
             limiter: Arc::clone(self),
             ip: None,
@@ -172,6 +194,7 @@ impl Drop for ConnSlot {
             self.limiter.per_ip.release(&key);
         }
         self.limiter.total.fetch_sub(1, Ordering::AcqRel);
+        self.limiter.gauge.dec();
     }
 }
 
@@ -233,6 +256,10 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn gauge() -> IntGauge {
+        IntGauge::new("open", "test").unwrap()
+    }
+
     #[test]
     fn ipv6_is_grouped_by_64_and_mapped_ipv4_is_ipv4() {
         assert_eq!(
@@ -252,20 +279,22 @@ mod tests {
 
     #[test]
     fn total_limit_and_slots_give_back_on_drop() {
-        let l = ConnLimiter::new(2, 0, Vec::new());
+        let l = ConnLimiter::new(2, 0, Vec::new(), gauge());
         let a = l.acquire().unwrap();
         let b = l.acquire().unwrap();
         assert_eq!(l.acquire().err(), Some(LimitError::Connections));
         assert_eq!(l.open(), 2, "a refusal holds nothing");
         drop(a);
         let c = l.acquire().unwrap();
+        assert_eq!(l.gauge.get(), 2);
         drop((b, c));
         assert_eq!(l.open(), 0);
+        assert_eq!(l.gauge.get(), 0);
     }
 
     #[test]
     fn per_ip_limit_groups_v6_and_spares_exempt_networks() {
-        let l = ConnLimiter::new(0, 2, vec!["192.0.2.0/24".parse().unwrap()]);
+        let l = ConnLimiter::new(0, 2, vec!["192.0.2.0/24".parse().unwrap()], gauge());
         let mut slots = Vec::new();
         for a in ["2001:db8::1", "2001:db8::2"] {
             let mut s = l.acquire().unwrap();

@@ -50,7 +50,21 @@ pub struct RelayOptions {
     pub backend_logout: Duration,
     /// Rewrite RLIST/RLSUB to LIST/LSUB (the backend lacks MAILBOX-REFERRALS).
     pub rewrite_referrals: bool,
+    /// The client is logged out after this long without sending a byte (see
+    /// [`AUTOLOGOUT_BYE`]).
+    pub autologout: Duration,
 }
+
+/// What a client gets when the gateway logs it out for inactivity (RFC 3501 section 5.4).
+///
+/// The rule, the same for both relays: the timer runs from the last bytes the client sent,
+/// so any command resets it, and an IDLE resets it when it starts (it is a command) but not
+/// while it lasts: RFC 2177 has clients re-issue IDLE within 29 minutes, so an IDLE held past
+/// the timer without DONE ends the session too. On expiry the session ends at its next safe
+/// point, like a shutdown: a response in progress is finished first, an IDLE is ended with
+/// DONE, and the backend is logged out. A client that stopped in the middle of a command
+/// (a partial line, an unfinished literal) has no safe point: it is closed at once.
+pub const AUTOLOGOUT_BYE: &[u8] = b"* BYE [UNAVAILABLE] Autologout; idle for too long\r\n";
 
 /// How a relayed session ended.
 #[derive(Debug)]
@@ -65,6 +79,8 @@ pub enum RelayEnd {
     Error(RelayError),
     /// The session was asked to stop (shutdown or kick) and ended at a safe point with BYE.
     Stopped(StopReason),
+    /// The client sent nothing for `autologout`; it was told BYE and the backend logged out.
+    Autologout,
 }
 
 /// What a relay needs from the rest of the gateway besides its streams.
@@ -91,8 +107,11 @@ struct Progress {
     idle: AtomicBool,
     /// The client sent LOGOUT.
     logout: AtomicBool,
-    /// The client-to-backend side stopped at a command boundary because a stop was asked.
+    /// The client-to-backend side stopped at a command boundary because a stop was asked, or
+    /// the autologout timer ran out.
     parked: AtomicBool,
+    /// The client-to-backend side parked for the autologout timer, not for a stop.
+    autologout: AtomicBool,
     parked_notify: Notify,
     /// Answers of the gateway's own, queued by the client-to-backend side for the other side
     /// to write between two responses. Unlike a channel, it costs no allocation until used.
@@ -199,9 +218,19 @@ pub async fn run(
                 let _ = backend_w.write_all(b"DONE\r\n").await;
             }
             logout_backend(&mut backend_r, &mut backend_w, true, opts.backend_logout).await;
+            if progress.autologout.load(Ordering::Acquire) {
+                close_client(&mut client_w, Some(AUTOLOGOUT_BYE)).await;
+                return RelayEnd::Autologout;
+            }
             let reason = ctx.stop.reason();
             close_client(&mut client_w, Some(reason.bye())).await;
             RelayEnd::Stopped(reason)
+        }
+        Outcome::Up(UpEnd::Autologout) => {
+            // Mid-command: a LOGOUT now would be part of the client's command.
+            logout_backend(&mut backend_r, &mut backend_w, false, opts.backend_logout).await;
+            close_client(&mut client_w, Some(AUTOLOGOUT_BYE)).await;
+            RelayEnd::Autologout
         }
         Outcome::Up(UpEnd::ClientGone) | Outcome::Down(DownEnd::ClientGone) => {
             // A client that sent LOGOUT and closed before the backend did logged out: the
@@ -274,6 +303,8 @@ enum UpEnd {
     ClientGone,
     BackendGone,
     Frame(FrameError),
+    /// The autologout timer ran out in the middle of a command.
+    Autologout,
 }
 
 enum DownEnd {
@@ -331,6 +362,10 @@ where
     progress.at_boundary.store(filled == 0, Ordering::Release);
     // When set, the current message is swallowed and this answer is sent once it ends.
     let mut swallow: Option<Vec<u8>> = None;
+    // The timer is moved on lazily when it fires, not at every read: a read only notes
+    // the time, which costs no timer-wheel update on the hot path.
+    let mut last_read = tokio::time::Instant::now();
+    let mut autologout = std::pin::pin!(tokio::time::sleep_until(last_read + opts.autologout));
     loop {
         if let Some(buf) = slot.as_deref_mut() {
             let mut pos = 0;
@@ -424,15 +459,32 @@ where
         // A stop is taken only between commands: nothing of the next one has reached the
         // backend (a partial command head still here is dropped with the session).
         let stoppable = framer.at_message_start();
-        let read = tokio::select! {
-            r = buf::read_into(client, &mut slot, filled) => r,
-            _ = ctx.stop.requested(), if stoppable => {
-                progress.parked.store(true, Ordering::Release);
-                progress.parked_notify.notify_one();
-                // The other side ends the session once the backend has answered.
-                return std::future::pending().await;
+        let read = loop {
+            tokio::select! {
+                r = buf::read_into(client, &mut slot, filled) => break r,
+                _ = ctx.stop.requested(), if stoppable => {
+                    progress.parked.store(true, Ordering::Release);
+                    progress.parked_notify.notify_one();
+                    // The other side ends the session once the backend has answered.
+                    return std::future::pending().await;
+                }
+                _ = autologout.as_mut() => {
+                    let due = last_read + opts.autologout;
+                    if tokio::time::Instant::now() < due {
+                        autologout.as_mut().reset(due);
+                        continue;
+                    }
+                    if !stoppable {
+                        return UpEnd::Autologout;
+                    }
+                    progress.autologout.store(true, Ordering::Release);
+                    progress.parked.store(true, Ordering::Release);
+                    progress.parked_notify.notify_one();
+                    return std::future::pending().await;
+                }
             }
         };
+        last_read = tokio::time::Instant::now();
         match read {
             Ok(0) | Err(_) => return UpEnd::ClientGone,
             Ok(n) => {
@@ -534,7 +586,8 @@ where
     // The loop below runs for the whole session: do not keep the login-time buffer alive.
     drop(ahead);
     let mut saw_bye = false;
-    // Set once a stop is asked; from then on every boundary is checked for a safe point.
+    // Set once a stop is asked or the other side parked for the autologout; from then on
+    // every boundary is checked for a safe point.
     let mut stopping = false;
     // The backend accepted the outstanding IDLE with `+`.
     let mut idling = false;
@@ -596,7 +649,10 @@ where
         tokio::select! {
             biased;
             _ = ctx.stop.requested(), if !stopping => stopping = true,
-            _ = progress.parked_notify.notified(), if stopping => {}
+            // The autologout parks the other side without a stop: that starts the stopping.
+            _ = progress.parked_notify.notified() => {
+                stopping |= progress.parked.load(Ordering::Acquire);
+            }
             // Written at the top of the loop.
             _ = progress.injected.notified(), if framer.at_message_start() => {}
             read = buf::read_into(backend, &mut slot, 0) => match read {
