@@ -3,6 +3,10 @@
 //! deadline, so a slow handshake never stalls the accept loop) and hands it to a session.
 //! On a `proxy_protocol` listener the PROXY header is read first, in the same task, and its
 //! client address is the one the session knows (`proxy`).
+//!
+//! The connection limits are applied here: gateway-wide and (on a plain listener) per client
+//! address in the accept loop, before a task exists; per address after the PROXY header on a
+//! `proxy_protocol` listener. The connection's place ([`ConnSlot`]) lives in its task.
 
 pub mod proxy;
 
@@ -87,13 +91,11 @@ impl Listener {
         } else {
             None
         };
-        let socket = TcpListener::bind(config.address)
-            .await
-            .map_err(|source| NetError::Bind {
-                name: config.name.clone(),
-                address: config.address,
-                source,
-            })?;
+        let socket = listen(config.address).map_err(|source| NetError::Bind {
+            name: config.name.clone(),
+            address: config.address,
+            source,
+        })?;
         Ok(Self {
             ctx: Arc::new(ListenerCtx {
                 name: config.name.clone(),
@@ -344,6 +346,26 @@ impl Connection {
             slot,
         })
     }
+}
+
+/// Connections the kernel queues for the accept loop. `TcpListener::bind` asks for 128: a
+/// burst beyond that (clients reconnecting after a replica restarts, thousands of them)
+/// loses SYNs, each retried by the client only after a second or more. The kernel caps it
+/// at `net.core.somaxconn` (4096 on current Linux).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds and listens on `address` with [`LISTEN_BACKLOG`].
+fn listen(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does: a restarted gateway binds again at once, without waiting
+    // out the old connections' TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// How long a refused connection may take to be told so.
