@@ -314,7 +314,8 @@ async fn open(
                 delay_ms = delay.as_millis() as u64,
                 "login delayed after failed logins from the address"
             );
-            tokio::time::sleep_until((Instant::now() + delay).min(deadline)).await;
+            let until = Instant::now().checked_add(delay).unwrap_or(deadline);
+            tokio::time::sleep_until(until.min(deadline)).await;
         }
         // A kick for this user reaches the session from the login on.
         registration.set_user(&attempt.user);

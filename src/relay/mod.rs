@@ -283,6 +283,13 @@ pub async fn run(
     }
 }
 
+/// `from + wait`, or a year from `from` when that is past what an `Instant` can hold (a
+/// configured autologout of "1000 years" means never, not a panic).
+pub(crate) fn after(from: tokio::time::Instant, wait: Duration) -> tokio::time::Instant {
+    const FAR: Duration = Duration::from_secs(365 * 24 * 3600);
+    from.checked_add(wait).unwrap_or_else(|| from + FAR)
+}
+
 const BACKEND_LOST: &[u8] = b"* BYE [UNAVAILABLE] Backend connection lost\r\n";
 
 /// Says a last word to the client (when there is one) and closes its sending side.
@@ -365,7 +372,8 @@ where
     // The timer is moved on lazily when it fires, not at every read: a read only notes
     // the time, which costs no timer-wheel update on the hot path.
     let mut last_read = tokio::time::Instant::now();
-    let mut autologout = std::pin::pin!(tokio::time::sleep_until(last_read + opts.autologout));
+    let mut autologout =
+        std::pin::pin!(tokio::time::sleep_until(after(last_read, opts.autologout)));
     loop {
         if let Some(buf) = slot.as_deref_mut() {
             let mut pos = 0;
@@ -469,7 +477,7 @@ where
                     return std::future::pending().await;
                 }
                 _ = autologout.as_mut() => {
-                    let due = last_read + opts.autologout;
+                    let due = after(last_read, opts.autologout);
                     if tokio::time::Instant::now() < due {
                         autologout.as_mut().reset(due);
                         continue;
@@ -675,4 +683,19 @@ const BYE: &[u8] = b"* BYE";
 
 fn is_bye(head: &[u8]) -> bool {
     head.len() >= BYE.len() && head[..BYE.len()].eq_ignore_ascii_case(BYE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_huge_autologout_is_far_away_not_a_panic() {
+        let now = tokio::time::Instant::now();
+        assert_eq!(
+            after(now, Duration::from_secs(5)),
+            now + Duration::from_secs(5)
+        );
+        assert!(after(now, Duration::MAX) > now + Duration::from_secs(300 * 24 * 3600));
+    }
 }

@@ -319,7 +319,7 @@ impl Murder<'_> {
     /// updates (EXISTS, EXPUNGE, ...) in the meantime.
     async fn wait_for_command(&mut self) -> Step {
         // The previous command is answered: the client's silence counts from here.
-        let due = tokio::time::Instant::now() + self.opts.autologout;
+        let due = super::after(tokio::time::Instant::now(), self.opts.autologout);
         while self.client.buffered().is_empty() {
             let watched = self.selected.unwrap_or(0);
             let Murder {
@@ -686,7 +686,7 @@ impl Murder<'_> {
         }
         // The IDLE resets the autologout timer, and so do any bytes from the client; an IDLE
         // held past it without DONE ends the session (RFC 2177 has clients re-issue it).
-        let mut due = tokio::time::Instant::now() + self.opts.autologout;
+        let mut due = super::after(tokio::time::Instant::now(), self.opts.autologout);
         // Until the client says DONE, pass on whatever the backend sends.
         loop {
             if let Some(pos) = memchr::memchr(b'\n', self.client.buffered()) {
@@ -750,7 +750,7 @@ impl Murder<'_> {
             tokio::select! {
                 r = client.fill(READ) => {
                     r?;
-                    due = tokio::time::Instant::now() + self.opts.autologout;
+                    due = super::after(tokio::time::Instant::now(), self.opts.autologout);
                 }
                 r = conn.wire.fill(READ) => {
                     if r.is_err() {
