@@ -174,9 +174,6 @@ pub fn run(
         };
         let end = relay(open, &shared).await;
         shared.metrics.session_ended(end);
-        if end == SessionEnd::Autologout {
-            info!("logged out for inactivity");
-        }
         info!(end = end.label(), "session ended");
     }
     .instrument(span)
