@@ -16,8 +16,10 @@
 #   --idle L              comma list of idle session counts [1000,20000]
 #   --idle-hold D         how long the idle sessions are held [10s]
 #   --idle-ramp R         new idle sessions per second [500]
-#   --idle-cap N          run at most N idle sessions [what the open-files limit allows the
-#                         gateway: (limit - 200) / 2]; set it higher to see the gateway at its limit
+#   --idle-cap N          most idle sessions per gateway process [what the open-files limit
+#                         allows one process: (limit - 200) / 2]; a larger idle count is run
+#                         through several gateway processes (and loadgen processes), each on
+#                         its own port, as replicas would be deployed
 #   --users K             users on each backend [2000]
 #   --messages M          messages of --size bytes in INBOX of users 1..fetch-clients [5]
 #   --size BYTES          size of those messages [2000000]
@@ -25,7 +27,8 @@
 #   --gw-log LEVEL        the gateway's log level [info]
 #   --out DIR             results directory [target/bench/<timestamp>]
 # Environment: BENCH_DIR (state: configs, mail, logs) [/var/tmp/imap-gateway-bench];
-# BENCH_PORT (first of 7 consecutive loopback ports) [21140].
+# BENCH_PORT (first of the loopback ports: BENCH_PORT..+11, and +20.. for the extra gateway
+# processes of large idle runs) [21140].
 #
 # Needs root (Dovecot's processes change user). Installs dovecot-imapd, openssl and python3
 # with apt-get if missing. Stops everything it started on exit, also on Ctrl-C.
@@ -136,13 +139,18 @@ port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 DOVECOT_PIDS=()
 GW_PID=
 stop_gateway() {
-  if [ -n "$GW_PID" ] && alive "$GW_PID"; then
-    kill -TERM "$GW_PID" 2>/dev/null || true
-    wait_until 5 dead "$GW_PID" || kill -KILL "$GW_PID" 2>/dev/null || true
-    wait "$GW_PID" 2>/dev/null || true
-  fi
+  local pid
+  for pid in $GW_PID "${GW_EXTRA_PIDS[@]}"; do
+    if alive "$pid"; then
+      kill -TERM "$pid" 2>/dev/null || true
+      wait_until 5 dead "$pid" || kill -KILL "$pid" 2>/dev/null || true
+      wait "$pid" 2>/dev/null || true
+    fi
+  done
   GW_PID=
+  GW_EXTRA_PIDS=()
 }
+GW_EXTRA_PIDS=()
 stop_dovecots() {
   local pid
   for pid in "${DOVECOT_PIDS[@]}"; do
@@ -442,28 +450,116 @@ start_gateway() {
   wait_until 10 greets "$GW_PORT" || die "the gateway did not start (log: $BENCH_DIR/gateway.log)"
 }
 
+# start_gateways K: the gateway and K-1 more processes, each with its own plain listener and
+# admin port (BASE+20+k, BASE+40+k) on the same routing table.
+start_gateways() {
+  local k conf
+  start_gateway
+  GW_PORTS=("$GW_PORT")
+  GW_ADMIN_PORTS=("$GW_ADMIN_PORT")
+  for ((k = 1; k < $1; k++)); do
+    conf=$BENCH_DIR/gateway-$k.toml
+    cat >"$conf" <<EOF2
+# Written by scripts/bench.sh: extra gateway process $k of a large idle run.
+routing_table = "routing.toml"
+
+[[listeners]]
+name = "plain"
+address = "127.0.0.1:$((BASE + 20 + k))"
+mode = "plain"
+allow_plaintext_auth = true
+
+[admin]
+address = "127.0.0.1:$((BASE + 40 + k))"
+
+[log]
+level = "$GW_LOG"
+EOF2
+    "$GATEWAY" run --config "$conf" </dev/null >>"$BENCH_DIR/gateway.log" 2>&1 &
+    GW_EXTRA_PIDS+=($!)
+    GW_PORTS+=($((BASE + 20 + k)))
+    GW_ADMIN_PORTS+=($((BASE + 40 + k)))
+    wait_until 10 greets $((BASE + 20 + k)) || die "gateway process $k did not start"
+  done
+}
+
+# idle_split CASE MODE REP N PROCS: N idle sessions through PROCS gateway processes (or
+# directly), from as many loadgen processes as the open-files limit needs. While they run,
+# the gateways' session gauges and RSS are sampled every half second; the peak of concurrent
+# sessions, and the RSS at that peak, go into the combined result.
+idle_split() {
+  local case=$1 mode=$2 rep=$3 n=$4 procs=$5
+  local per_lg=$((NOFILE - 300)) lgs i share start target=() pid=() files=() lgpids=()
+  lgs=$(((n + per_lg - 1) / per_lg))
+  ((lgs < 2)) && lgs=2
+  if [ "$mode" = gateway ]; then
+    start_gateways "$procs"
+    for i in "${GW_PORTS[@]}"; do target+=(--target "127.0.0.1:$i"); done
+    for i in $GW_PID "${GW_EXTRA_PIDS[@]}"; do pid+=(--pid "$i"); done
+  else
+    target=(--target "127.0.0.1:${PORT[bench-a]}" --target "127.0.0.1:${PORT[bench-b]}")
+  fi
+  say "$case/$mode/$rep: $n idle sessions, $lgs loadgen processes$([ "$mode" = gateway ] && echo ", $procs gateway processes")"
+  local peak=$OUT/$case-$mode-$rep.peak
+  local gw_pids="$GW_PID ${GW_EXTRA_PIDS[*]}"
+  if [ "$mode" = gateway ]; then
+    python3 "$HELPER" sample-start "$peak" "${GW_ADMIN_PORTS[*]}" "$gw_pids"
+  fi
+  start=0
+  for ((i = 0; i < lgs; i++)); do
+    share=$((n / lgs + (i < n % lgs ? 1 : 0)))
+    files+=("$OUT/$case-$mode-$rep.$i.json")
+    # Users are spread by number over the targets: an offset per process keeps the mix even.
+    "$LOADGEN" "${target[@]}" "${pid[@]}" --label "$case/$mode/$rep" --password "$PASSWORD" \
+      --scenario idle --clients "$share" --user-count "$USERS" --user-start $((1 + (start % USERS))) \
+      --src-ips 250 --idle-ramp $((IDLE_RAMP / lgs)) --duration "$IDLE_HOLD" --warmup 3s \
+      >"${files[$i]}" &
+    lgpids+=($!)
+    start=$((start + share))
+  done
+  local sampler=
+  if [ "$mode" = gateway ]; then
+    python3 "$HELPER" sample "$peak" "${GW_ADMIN_PORTS[*]}" "$gw_pids" "${lgpids[*]}" &
+    sampler=$!
+  fi
+  for i in "${lgpids[@]}"; do wait "$i" || echo "a loadgen process failed in $case/$mode/$rep" >&2; done
+  [ -n "$sampler" ] && wait "$sampler"
+  python3 "$HELPER" combine "$case/$mode/$rep" "$([ "$mode" = gateway ] && echo "$peak" || echo -)" \
+    "${files[@]}" >>"$RESULTS"
+  tail -n 1 "$RESULTS" | python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); print("   ", ", ".join(f"{k} {r[k]}" for k in ("sessions_idling", "max_concurrent_sessions", "rss_kb_per_session") if r.get(k) is not None), "errors", r["errors"]["count"])' >&2
+}
+
 # --- 5. the scenarios ---------------------------------------------------------------------
 
 # run CASE MODE REP LOADGEN-ARGS...: one loadgen run, its JSON line appended to the results.
 run() {
   local case=$1 mode=$2 rep=$3 json
   shift 3
-  local target=127.0.0.1:${PORT[bench-a]} pid=()
-  if [[ " $* " == *" --tls "* ]]; then target=127.0.0.1:${TLS_PORT[bench-a]}; fi
+  # Direct runs spread the users over both Dovecots (each has all of them), as the gateway
+  # does: both modes then load the same two servers. One Dovecot alone spends less CPU per
+  # login than two (fewer processes to switch between), which would flatter the direct run.
+  local target=(--target "127.0.0.1:${PORT[bench-a]}" --target "127.0.0.1:${PORT[bench-b]}")
+  local pid=()
+  if [[ " $* " == *" --tls "* ]]; then
+    target=(--target "127.0.0.1:${TLS_PORT[bench-a]}" --target "127.0.0.1:${TLS_PORT[bench-b]}")
+  fi
   if [ "$mode" = gateway ]; then
     start_gateway
-    target=127.0.0.1:$GW_PORT
-    [[ " $* " == *" --tls "* ]] && target=127.0.0.1:$GW_TLS_PORT
+    target=(--target "127.0.0.1:$GW_PORT")
+    [[ " $* " == *" --tls "* ]] && target=(--target "127.0.0.1:$GW_TLS_PORT")
     pid=(--pid "$GW_PID")
   fi
-  say "$case/$mode/$rep: loadgen --target $target $*"
-  if ! json=$("$LOADGEN" --target "$target" "${pid[@]}" --label "$case/$mode/$rep" \
+  # Both Dovecots, whole process trees, in both modes: what the backends spent per unit.
+  local dpid
+  for dpid in "${DOVECOT_PIDS[@]}"; do pid+=(--backend-tree "$dpid"); done
+  say "$case/$mode/$rep: loadgen ${target[*]} $*"
+  if ! json=$("$LOADGEN" "${target[@]}" "${pid[@]}" --label "$case/$mode/$rep" \
     --password "$PASSWORD" "$@"); then
     echo "loadgen failed for $case/$mode/$rep" >&2
     return 0
   fi
   printf '%s\n' "$json" >>"$RESULTS"
-  python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print("   ", ", ".join(f"{k} {r[k]}" for k in ("ops", "ops_per_s", "mb_per_s", "target_cpu_ms_per_op", "self_cpu_ms_per_op", "rss_kb_per_session") if r.get(k) is not None), "errors", r["errors"]["count"])' "$json" >&2
+  python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print("   ", ", ".join(f"{k} {r[k]}" for k in ("ops", "ops_per_s", "mb_per_s", "target_cpu_ms_per_op", "backend_cpu_ms_per_op", "self_cpu_ms_per_op", "rss_kb_per_session") if r.get(k) is not None), "errors", r["errors"]["count"])' "$json" >&2
   if [ "$mode" = gateway ] && ! alive "$GW_PID"; then
     echo "THE GATEWAY DIED during $case/$mode/$rep; last log lines:" >&2
     tail -n 20 "$BENCH_DIR/gateway.log" >&2
@@ -503,8 +599,11 @@ for ((rep = 1; rep <= REPEAT; rep++)); do
         # gateway two (client and backend), plus a few of their own.
         max=${IDLE_CAP:-$(((NOFILE - 200) / 2))}
         if ((n > max)); then
-          say "idle: $n sessions exceed what the open-files limit $NOFILE allows the gateway ($max, --idle-cap); running $max"
-          n=$max
+          procs=$(((n + max - 1) / max))
+          say "idle: $n sessions exceed what the open-files limit $NOFILE allows one gateway process ($max, --idle-cap): $procs gateway processes"
+          idle_split "idle-$n" direct "$rep" "$n" "$procs"
+          idle_split "idle-$n" gateway "$rep" "$n" "$procs"
+          continue
         fi
         both "idle-$n" "$rep" --scenario idle --clients "$n" --user-count "$USERS" \
           --src-ips 250 --idle-ramp "$IDLE_RAMP" --duration "$IDLE_HOLD" --warmup 3s

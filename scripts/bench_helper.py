@@ -12,6 +12,15 @@
         Prints a table: for each case, direct vs gateway (every repetition), the ratio
         gateway/direct, the gateway's CPU per unit of work and RSS per session, loadgen's
         own CPU, and the targets.
+
+    bench_helper.py sample-start PEAKFILE "ADMIN_PORTS" "GATEWAY_PIDS"
+    bench_helper.py sample PEAKFILE "ADMIN_PORTS" "GATEWAY_PIDS" "LOADGEN_PIDS"
+        For idle runs split over several gateway processes: the RSS baseline, then the peak
+        of concurrent logged-in sessions (imapgw_sessions_active summed over the admin
+        ports) and the summed RSS at that peak, sampled every 0.5 s while loadgen runs.
+
+    bench_helper.py combine LABEL PEAKFILE|- LOADGEN.json...
+        One result line from the loadgen processes of a split idle run.
 """
 
 import json
@@ -117,6 +126,8 @@ def report(path):
                     f"  ratio {fmt(ratio)}  gw CPU {fmt(g.get(cpu_key) if g else None, 3)} ms/"
                     f"{'MB' if kind == 'fetch' else 'login'}  loadgen CPU {fmt(g.get(self_key) if g else None, 3)}"
                     f" (direct {fmt(d.get(self_key) if d else None, 3)})"
+                    f"  Dovecot CPU {fmt((d or {}).get(cpu_key.replace('target', 'backend')), 3)}"
+                    f" -> {fmt((g or {}).get(cpu_key.replace('target', 'backend')), 3)}"
                     f"  errors {d['errors']['count'] if d else '-'}/{g['errors']['count'] if g else '-'}"
                     f"  busy CPUs {fmt((d or {}).get('host_busy_cpus'), 1)}/{fmt((g or {}).get('host_busy_cpus'), 1)}"
                     f"   [{TARGETS.get(case, '')}]"
@@ -146,6 +157,12 @@ def report(path):
                         f" (at hold end {r['sessions_idling_at_hold_end']}, closed ok {r['sessions_closed_ok']})"
                         f"  ramp {fmt(r['ramp_s'], 1)} s  errors {r['errors']['count']}"
                         + (
+                            f"  peak {r['max_concurrent_sessions']} concurrent in {r['gateway_processes']} gateway processes"
+                            if r.get("max_concurrent_sessions") is not None
+                            else ""
+                        )
+                        + (f"  {r['loadgen_processes']} loadgen processes" if r.get("loadgen_processes") else "")
+                        + (
                             f"  gw RSS {r['target_rss_kb_before']} -> {r['target_rss_kb_idle']} KiB"
                             f" = {fmt(r['rss_kb_per_session'])} KiB/session"
                             f"  gw CPU {fmt(r['target_cpu_ms_per_session_setup'], 3)} ms/session setup"
@@ -160,11 +177,100 @@ def report(path):
     print("\n".join(out))
 
 
+def gateway_state(admin_ports, pids):
+    """Logged-in sessions (sum of imapgw_sessions_active over the admin ports) and the
+    summed VmRSS in KiB of the gateway processes."""
+    import urllib.request
+
+    sessions = 0
+    for port in admin_ports:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith("imapgw_sessions_active"):
+                    sessions += int(float(line.rsplit(" ", 1)[1]))
+    rss = 0
+    for pid in pids:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmRSS:"):
+                rss += int(line.split()[1])
+    return sessions, rss
+
+
+def sample_start(path, admin_ports, pids):
+    """The gateways' state before the first session: the RSS baseline."""
+    sessions, rss = gateway_state(admin_ports.split(), pids.split())
+    json.dump({"rss_kb_before": rss, "sessions_before": sessions}, open(path, "w"))
+
+
+def sample(path, admin_ports, pids, loadgen_pids):
+    """Samples the gateways every half second while the loadgen processes run; keeps the
+    peak of concurrent sessions and the RSS at that peak."""
+    import time
+
+    state = json.load(open(path))
+    peak, rss_at_peak, samples = -1, None, 0
+    alive = lambda p: os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0]
+    while any(alive(p) for p in loadgen_pids.split()):
+        try:
+            sessions, rss = gateway_state(admin_ports.split(), pids.split())
+        except OSError:
+            time.sleep(0.5)
+            continue
+        samples += 1
+        if sessions > peak:
+            peak, rss_at_peak = sessions, rss
+        time.sleep(0.5)
+    state.update({"max_concurrent_sessions": peak, "rss_kb_at_peak": rss_at_peak, "samples": samples})
+    json.dump(state, open(path, "w"))
+
+
+def combine(label, peak_path, files):
+    """One result line from the loadgen processes of a split idle run."""
+    rows = [json.loads(open(f).read()) for f in files]
+    first_errors = [e for r in rows for e in r["errors"]["first"]][:10]
+    out = {
+        "label": label,
+        "scenario": "idle",
+        "loadgen_processes": len(rows),
+        "target": ",".join(sorted({r["target"] for r in rows})),
+        "pids": rows[0].get("pids"),
+        "sessions_requested": sum(r["sessions_requested"] for r in rows),
+        "sessions_idling": sum(r["sessions_idling"] for r in rows),
+        "sessions_idling_at_hold_end": sum(r["sessions_idling_at_hold_end"] for r in rows),
+        "sessions_closed_ok": sum(r["sessions_closed_ok"] for r in rows),
+        "ramp_s": max(r["ramp_s"] for r in rows),
+        "errors": {"count": sum(r["errors"]["count"] for r in rows), "first": first_errors},
+        "self_cpu_ms_per_session_setup": max(r.get("self_cpu_ms_per_session_setup") or 0 for r in rows),
+        "target_cpu_ms_per_session_setup": None,
+        "target_cpu_s_hold": None,
+        "target_rss_kb_before": None,
+        "target_rss_kb_idle": None,
+        "rss_kb_per_session": None,
+    }
+    if peak_path != "-":
+        p = json.load(open(peak_path))
+        out["gateway_processes"] = len(rows[0].get("pids") or [])
+        out["max_concurrent_sessions"] = p["max_concurrent_sessions"]
+        out["target_rss_kb_before"] = p["rss_kb_before"]
+        out["target_rss_kb_idle"] = p["rss_kb_at_peak"]
+        if p["max_concurrent_sessions"] > 0 and p["rss_kb_at_peak"] is not None:
+            out["rss_kb_per_session"] = round(
+                (p["rss_kb_at_peak"] - p["rss_kb_before"]) / p["max_concurrent_sessions"], 3
+            )
+    print(json.dumps(out))
+
+
 def main():
     if len(sys.argv) >= 2 and sys.argv[1] == "seed" and len(sys.argv) == 10:
         seed(*sys.argv[2:])
     elif len(sys.argv) == 3 and sys.argv[1] == "report":
         report(sys.argv[2])
+    elif len(sys.argv) == 5 and sys.argv[1] == "sample-start":
+        sample_start(*sys.argv[2:])
+    elif len(sys.argv) == 6 and sys.argv[1] == "sample":
+        sample(*sys.argv[2:])
+    elif len(sys.argv) >= 5 and sys.argv[1] == "combine":
+        combine(sys.argv[2], sys.argv[3], sys.argv[4:])
     else:
         print(__doc__, file=sys.stderr)
         sys.exit(2)

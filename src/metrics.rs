@@ -174,6 +174,9 @@ impl LimitCounters {
 pub struct RelayCounters {
     pub client_to_backend: IntCounter,
     pub backend_to_client: IntCounter,
+    /// Of those, bytes of literals moved with splice (both legs plain TCP): `[client_to_backend,
+    /// backend_to_client]`.
+    pub spliced: [IntCounter; 2],
     commands: Vec<IntCounter>,
     intercepted: Vec<IntCounter>,
     /// Commands answered `NO [UNAVAILABLE]` because the server holding the mailbox is down.
@@ -353,6 +356,13 @@ impl Metrics {
             "Bytes relayed between logged-in clients and backends, by direction.",
             &["direction"],
         )?;
+        let spliced = counter_vec(
+            r,
+            "relayed_spliced_bytes_total",
+            "Of the relayed bytes, literal data moved between two plain TCP connections inside \
+             the kernel (splice), by direction.",
+            &["direction"],
+        )?;
         let commands = counter_vec(
             r,
             "commands_total",
@@ -480,6 +490,8 @@ impl Metrics {
             relay: Arc::new(RelayCounters {
                 client_to_backend: relayed.with_label_values(&["client_to_backend"]),
                 backend_to_client: relayed.with_label_values(&["backend_to_client"]),
+                spliced: ["client_to_backend", "backend_to_client"]
+                    .map(|direction| spliced.with_label_values(&[direction])),
                 commands,
                 intercepted,
                 mount_unavailable: counter(

@@ -37,6 +37,9 @@ async fn pair() -> (TcpStream, TcpStream) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
     let (b, _) = l.accept().await.unwrap();
+    // As the gateway sets on both of its legs.
+    a.set_nodelay(true).unwrap();
+    b.set_nodelay(true).unwrap();
     (a, b)
 }
 
@@ -125,6 +128,41 @@ async fn no_allocation_per_relayed_chunk() {
     assert!(
         allocations <= 16,
         "{allocations} allocations while relaying"
+    );
+    // Both legs are plain TCP, so most of those literals went by splice.
+    let spliced = [0, 1].map(|i| metrics.relay.spliced[i].get());
+    assert!(
+        spliced.iter().all(|&n| n >= size as u64),
+        "spliced {spliced:?}"
+    );
+
+    // Literals too small for splice go through the relay's buffers, read by read: 2000
+    // of them, each in several reads, still without an allocation per read.
+    let small = 60 * 1024;
+    let fetch = format!("* 1 FETCH (BODY[] {{{small}}}\r\n");
+    let append = format!("a APPEND INBOX {{{small}+}}\r\n");
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let spliced_before = spliced;
+    for _ in 0..1000 {
+        let (_, _) = tokio::join!(
+            send(&mut backend, fetch.as_bytes(), small, b")\r\n", &chunk),
+            drain(&mut client, fetch.len() + small + 3, &mut sink)
+        );
+        let (_, _) = tokio::join!(
+            send(&mut client, append.as_bytes(), small, b"\r\n", &chunk),
+            drain(&mut backend, append.len() + small + 2, &mut sink)
+        );
+    }
+    let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
+    println!("{allocations} allocations while relaying 2000 small literals");
+    assert!(
+        allocations <= 16,
+        "{allocations} allocations while relaying"
+    );
+    let spliced = [0, 1].map(|i| metrics.relay.spliced[i].get());
+    assert_eq!(
+        spliced, spliced_before,
+        "small literals must not be spliced"
     );
     drop(client);
     drop(backend);

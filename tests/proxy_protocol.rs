@@ -14,11 +14,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use common::dovecot::{Dovecot, DovecotOptions, login_lines, wait_for_log};
+use common::fake;
 use common::gateway::{self, TestGateway};
 use common::imap::{Client, WAIT, tagged_ok};
 use common::tls::{TestCa, client_config};
 use common::wait::until;
 use imap_gateway::config::{ListenerConfig, ListenerMode};
+use imap_gateway::proto::proxy::ProxyHeader;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -358,6 +360,106 @@ async fn commands_in_the_same_write_as_the_header_are_not_lost() {
     for line in login_lines(&log, "alice") {
         assert!(line.contains(&format!("rip={CLIENT_V4},")), "{line}");
     }
+    gw.stop().await;
+}
+
+/// `send_proxy_protocol = true` on a backend: the first bytes of each connection to it are a
+/// v2 header with the client's address as the session knows it (from the listener's own
+/// PROXY header when there is one) and the address the client connected to; on the home
+/// connection and on a mounted backend's, opened later in the session.
+#[tokio::test]
+async fn backend_with_send_proxy_protocol_gets_the_client_address_first() {
+    let caps = "IMAP4rev1 LITERAL+ SASL-IR AUTH=PLAIN ID";
+    let (home, home_headers) = fake::start_expecting_proxy(caps).await;
+    let (mounted, mount_headers) = fake::start_expecting_proxy(caps).await;
+    let routing = format!(
+        "default_pool = [\"home\"]\n\
+         [[backends]]\nname = \"home\"\naddress = \"{home}\"\nsend_proxy_protocol = true\n\
+         [[backends]]\nname = \"shared\"\naddress = \"{mounted}\"\nsend_proxy_protocol = true\n\
+         [[mounts]]\nusers = \"alice\"\nprefix = \"Shared\"\nbackend = \"shared\"\n"
+    );
+    let listener = proxy_listener(&["127.0.0.0/8"]);
+    let gw = gateway::start_with(&routing, |config, _| config.listeners.push(listener)).await;
+
+    // Behind a load balancer: the header the gateway got is what the backend gets.
+    let mut client = Client::connect(gw.addr_of("lb")).await;
+    client.write(&v1(CLIENT_V4, FRONT_V4)).await;
+    client.login("alice", "pw").await;
+    // The mounted backend is connected when a command first needs it.
+    let r = client.cmd("STATUS Shared/Team (MESSAGES)").await;
+    assert!(tagged_ok(&r), "{r}");
+    let expected = ProxyHeader::Proxied {
+        source: format!("{CLIENT_V4}:51234").parse().unwrap(),
+        destination: format!("{FRONT_V4}:143").parse().unwrap(),
+    };
+    assert_eq!(*home_headers.lock().unwrap(), [expected]);
+    assert_eq!(*mount_headers.lock().unwrap(), [expected]);
+
+    // Straight from a client: its socket address and the gateway's listener address.
+    let tcp = tcp_from([127, 0, 0, 9], gw.addr).await;
+    let source = tcp.local_addr().unwrap();
+    let mut direct = Client::from_io(Box::new(tcp));
+    direct.login("bob", "pw").await;
+    let expected = ProxyHeader::Proxied {
+        source,
+        destination: gw.addr,
+    };
+    assert_eq!(home_headers.lock().unwrap().last(), Some(&expected));
+    drop((client, direct));
+    gw.stop().await;
+}
+
+/// With `tls = "implicit"` the header goes first, in clear, and the TLS handshake after it:
+/// a backend reading the header before the ClientHello (as Dovecot and HAProxy do) logs in.
+#[tokio::test]
+async fn send_proxy_protocol_comes_before_the_backends_tls_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path());
+    let (cert, key) = ca.issue(dir.path(), "backend", &["localhost", "127.0.0.1"]);
+    let (backend, headers) = fake::start_tls(&cert, &key, true).await;
+    let routing = format!(
+        "default_pool = [\"b\"]\n[[backends]]\nname = \"b\"\naddress = \"{backend}\"\n\
+         tls = \"implicit\"\nca_file = \"{}\"\nsend_proxy_protocol = true\n",
+        ca.ca_path.display()
+    );
+    let gw = gateway::start(&routing).await;
+    let tcp = tcp_from([127, 0, 0, 9], gw.addr).await;
+    let source = tcp.local_addr().unwrap();
+    let mut client = Client::from_io(Box::new(tcp));
+    client.login("alice", "pw").await;
+    assert!(tagged_ok(&client.cmd("LOGOUT").await));
+    let expected = ProxyHeader::Proxied {
+        source,
+        destination: gw.addr,
+    };
+    assert_eq!(*headers.lock().unwrap(), [expected]);
+    drop(client);
+    gw.stop().await;
+}
+
+/// Against Dovecot with `haproxy = yes` on its listener: the login works only because the
+/// header comes first, and Dovecot logs the address the header gave. The backend is not
+/// `trusted`, so no ID is sent: the address can only have come from the header.
+#[tokio::test]
+async fn dovecot_with_haproxy_logs_the_address_from_the_gateways_header() {
+    let dovecot = Dovecot::start(DovecotOptions {
+        haproxy: true,
+        ..DovecotOptions::default()
+    });
+    let haproxy = dovecot.haproxy_addr().unwrap();
+    let routing = format!(
+        "default_pool = [\"b\"]\n[[backends]]\nname = \"b\"\naddress = \"{haproxy}\"\n\
+         send_proxy_protocol = true\ntrusted = false\n"
+    );
+    let listener = proxy_listener(&["127.0.0.1"]);
+    let gw = gateway::start_with(&routing, |config, _| config.listeners.push(listener)).await;
+    let mut client = Client::connect(gw.addr_of("lb")).await;
+    client.write(&v1(CLIENT_V4, FRONT_V4)).await;
+    alice_session(&mut client).await;
+    let line = alice_login_line(&dovecot).await;
+    assert!(line.contains(&format!("rip={CLIENT_V4},")), "{line}");
+    assert!(line.contains(&format!("lip={FRONT_V4},")), "{line}");
+    drop(client);
     gw.stop().await;
 }
 

@@ -218,3 +218,87 @@ async fn a_logout_followed_by_close_is_counted_as_a_logout() {
     assert_eq!(ended("logout"), 5);
     gw.stop().await;
 }
+
+/// Large literals between two plain TCP legs move by splice (without passing through the
+/// gateway's buffers) and arrive intact in both directions, with the responses and commands
+/// around them framed as before: an APPEND, a FETCH of it, then more commands.
+#[tokio::test]
+async fn large_literals_on_plain_legs_are_spliced_intact() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dovecot = Dovecot::start(DovecotOptions::default());
+    let gw = gateway::start(&gateway::single_backend(dovecot.addr())).await;
+    let spliced = |i: usize| gw.shared.metrics.relay.spliced[i].get();
+    let mut msg = b"From: splice@example.org\r\nSubject: splice\r\n\r\n".to_vec();
+    let mut x: u32 = 7;
+    while msg.len() < 1_500_000 {
+        for _ in 0..70 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            msg.push(b'a' + ((x >> 16) % 26) as u8);
+        }
+        msg.extend_from_slice(b"\r\n");
+    }
+    let mut c = Client::connect(gw.addr).await;
+    c.login("alice", "alicepw").await;
+    c.write(format!("a1 APPEND INBOX {{{}}}\r\n", msg.len()).as_bytes())
+        .await;
+    let cont = c.read_response().await;
+    assert!(cont.starts_with(b"+"), "{}", String::from_utf8_lossy(&cont));
+    let mut io = c.into_inner();
+    // The literal and the next command in one stream: what follows the literal must be
+    // framed again after the spliced part.
+    io.write_all(&msg).await.unwrap();
+    // COMPRESS is answered by the gateway itself, only if it sees the command where it
+    // starts: it shows that the framer is back in step after the spliced bytes.
+    io.write_all(b"\r\na2 COMPRESS DEFLATE\r\n").await.unwrap();
+    let mut c = Client::from_io(io);
+    // The gateway may answer a2 before the backend has answered a1.
+    let mut seen = String::new();
+    while !(seen.contains("\r\na1 ") || seen.starts_with("a1 "))
+        || !(seen.contains("\r\na2 ") || seen.starts_with("a2 "))
+    {
+        seen.push_str(&String::from_utf8_lossy(&c.read_response().await));
+        seen.push_str("\r\n");
+    }
+    assert!(seen.contains("a1 OK"), "{seen}");
+    assert!(
+        seen.contains("a2 NO [CANNOT] COMPRESS is not available through this gateway"),
+        "{seen}"
+    );
+    assert!(c.cmd("SELECT INBOX").await.contains("* 1 EXISTS"));
+    c.write(b"a3 FETCH 1 BODY.PEEK[]\r\n").await;
+    let mut io = c.into_inner();
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while !line.ends_with(b"\r\n") {
+        io.read_exact(&mut b).await.unwrap();
+        line.push(b[0]);
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&line),
+        format!("* 1 FETCH (BODY[] {{{}}}\r\n", msg.len())
+    );
+    let mut body = vec![0u8; msg.len()];
+    io.read_exact(&mut body).await.unwrap();
+    assert!(body == msg, "fetched body differs from appended body");
+    let mut c = Client::from_io(io);
+    assert!(tagged_ok(&c.until_tagged("a3").await));
+    // The gateway writes its own answers only between two responses: this one comes only
+    // if the backend-to-client framer is back in step too.
+    let r = c.cmd("COMPRESS DEFLATE").await;
+    assert!(r.contains("not available through this gateway"), "{r}");
+    assert!(tagged_ok(&c.cmd("NOOP").await));
+    // Everything but the part read with the announcing line went through the pipe.
+    let least = msg.len() as u64 - 64 * 1024;
+    assert!(
+        spliced(0) >= least,
+        "client to backend spliced {}",
+        spliced(0)
+    );
+    assert!(
+        spliced(1) >= least,
+        "backend to client spliced {}",
+        spliced(1)
+    );
+    drop(c);
+    gw.stop().await;
+}

@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 use zeroize::Zeroizing;
 
 use crate::proto::capability;
+use crate::proto::proxy;
 use crate::proto::response::{Status, capability_text, parse_status_line, push_quoted};
 use crate::route::{Backend, BackendTls};
 use crate::stream::Stream;
@@ -261,10 +262,16 @@ impl<'b> Dialogue<'b> {
 
     async fn run(
         mut self,
-        tcp: TcpStream,
+        mut tcp: TcpStream,
         creds: &BackendCredentials<'_>,
         client: &ClientInfo,
     ) -> Result<BackendSession, BackendError> {
+        if self.backend.send_proxy_protocol {
+            // The backend reads the header before anything else, a TLS handshake included.
+            tcp.write_all(&proxy::encode_v2(client.peer, client.local))
+                .await
+                .map_err(|e| self.err_lost(ReadError::Io(e)))?;
+        }
         let mut stream = match self.backend.tls {
             BackendTls::Implicit => self.tls(tcp).await?,
             _ => Stream::Plain(tcp),

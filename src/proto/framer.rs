@@ -118,6 +118,27 @@ impl Framer {
         matches!(self.state, State::Literal { .. })
     }
 
+    /// Bytes of literal data still to come, when the stream is inside a literal.
+    pub fn literal_remaining(&self) -> Option<u64> {
+        match self.state {
+            State::Literal { remaining } => Some(remaining),
+            _ => None,
+        }
+    }
+
+    /// Accounts for `n` bytes of the current literal that went past the framer (moved in the
+    /// kernel without being read); `n` is at most [`Framer::literal_remaining`].
+    pub fn skip_literal(&mut self, n: u64) {
+        if let State::Literal { remaining } = self.state {
+            let remaining = remaining.saturating_sub(n);
+            self.state = if remaining == 0 {
+                State::LineContinue
+            } else {
+                State::Literal { remaining }
+            };
+        }
+    }
+
     /// The first bytes (up to [`HEAD_LEN`]) of the current message's first line.
     pub fn head(&self) -> &[u8] {
         &self.head[..self.head_len]
@@ -272,6 +293,38 @@ pub fn parse_literal_suffix(line: &[u8]) -> Option<Literal> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn skipped_literal_bytes_end_the_literal_like_framed_ones() {
+        let mut f = Framer::new(1024, 1 << 20);
+        let line = b"* 1 FETCH (BODY[] {100}\r\n";
+        assert!(matches!(f.next(line), Ok(Piece::Line { .. })));
+        assert_eq!(f.literal_remaining(), Some(100));
+        f.skip_literal(60);
+        assert_eq!(f.literal_remaining(), Some(40));
+        assert!(matches!(
+            f.next(&[b'x'; 40]),
+            Ok(Piece::LiteralData {
+                len: 40,
+                done: true
+            })
+        ));
+        assert_eq!(f.literal_remaining(), None);
+
+        let mut g = Framer::new(1024, 1 << 20);
+        assert!(g.next(line).is_ok());
+        g.skip_literal(100);
+        assert_eq!(g.literal_remaining(), None);
+        assert!(
+            !g.at_message_start(),
+            "the line after the literal ends the response"
+        );
+        assert!(matches!(
+            g.next(b")\r\n"),
+            Ok(Piece::Line { complete: true, .. })
+        ));
+        assert!(g.at_message_start());
+    }
 
     /// Frames `input` split into chunks of `split` bytes; returns the message boundaries as
     /// (start offset, head) and the literal sizes seen.

@@ -4,7 +4,8 @@
 //! This module owns the header format only, without I/O: [`scan`] looks at the bytes received
 //! so far and says whether they hold a whole header, how long it is and what it says. It
 //! never asks for a byte beyond the header, so the I/O side (`net::proxy`) can leave the
-//! client's first IMAP bytes, or a TLS ClientHello, in the socket untouched. The error type
+//! client's first IMAP bytes, or a TLS ClientHello, in the socket untouched. [`encode_v2`]
+//! makes the header the gateway itself sends to backends that want one. The error type
 //! [`ProxyError`] covers the I/O side's failures too, so a rejected connection has one cause
 //! and one metric reason.
 //!
@@ -244,6 +245,43 @@ fn v2_addresses(inet6: bool, payload: &[u8]) -> Result<ProxyHeader, ProxyError> 
         source: SocketAddr::new(source, u16::from_be_bytes([ports[0], ports[1]])),
         destination: SocketAddr::new(destination, u16::from_be_bytes([ports[2], ports[3]])),
     })
+}
+
+/// The v2 header a gateway sends ahead of its own bytes on a backend connection, saying the
+/// connection is for `source` (the client) connecting to `destination` (the address the client
+/// connected to). Both addresses go out in one family, as the format has no mixed block:
+/// TCP4 when both are IPv4 (an IPv4-mapped IPv6 address counts as IPv4, so a dual-stack
+/// listener's clients are not logged as `::ffff:a.b.c.d`), else TCP6 with any IPv4 address
+/// mapped. No TLVs: a backend needs only the addresses.
+pub fn encode_v2(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
+    const PROXY_V2: u8 = 0x21;
+    const TCP4: u8 = 0x11;
+    const TCP6: u8 = 0x21;
+    let (src, dst) = (source.ip().to_canonical(), destination.ip().to_canonical());
+    let mut out = Vec::with_capacity(V2_HEAD_LEN + V2_INET6_LEN);
+    out.extend_from_slice(&V2_SIGNATURE);
+    out.push(PROXY_V2);
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            out.push(TCP4);
+            out.extend_from_slice(&(V2_INET_LEN as u16).to_be_bytes());
+            out.extend_from_slice(&s.octets());
+            out.extend_from_slice(&d.octets());
+        }
+        _ => {
+            let v6 = |ip: IpAddr| match ip {
+                IpAddr::V4(a) => a.to_ipv6_mapped(),
+                IpAddr::V6(a) => a,
+            };
+            out.push(TCP6);
+            out.extend_from_slice(&(V2_INET6_LEN as u16).to_be_bytes());
+            out.extend_from_slice(&v6(src).octets());
+            out.extend_from_slice(&v6(dst).octets());
+        }
+    }
+    out.extend_from_slice(&source.port().to_be_bytes());
+    out.extend_from_slice(&destination.port().to_be_bytes());
+    out
 }
 
 #[cfg(test)]
@@ -499,5 +537,56 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    /// The encoder's output, read back by the parser the gateway's own listeners use.
+    fn decoded(bytes: &[u8]) -> ProxyHeader {
+        match scan(bytes) {
+            Ok(Scan::Complete { header, len }) => {
+                assert_eq!(len, bytes.len(), "the header is all of it");
+                header
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn encoded_v2_round_trips_through_the_parser() {
+        for (source, destination) in [
+            ("203.0.113.7:51234", "10.0.0.1:993"),
+            ("0.0.0.0:0", "255.255.255.255:65535"),
+            ("[2001:db8::7]:40000", "[fd00::1]:143"),
+            ("[::1]:1", "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535"),
+        ] {
+            let bytes = encode_v2(sa(source), sa(destination));
+            assert_eq!(decoded(&bytes), proxied(source, destination), "{source}");
+        }
+    }
+
+    #[test]
+    fn encoded_v2_is_the_documented_layout() {
+        let bytes = encode_v2(sa("203.0.113.7:51234"), sa("10.0.0.1:993"));
+        assert_eq!(bytes, v2(0x1, 0x11, &inet_payload()));
+        let bytes = encode_v2(sa("[2001:db8::7]:40000"), sa("[fd00::1]:143"));
+        assert_eq!(bytes, v2(0x1, 0x21, &inet6_payload(&[])));
+    }
+
+    #[test]
+    fn encoded_v2_uses_one_family_for_both_addresses() {
+        // A dual-stack listener sees IPv4 clients as mapped addresses: they go out as TCP4.
+        let bytes = encode_v2(
+            sa("[::ffff:203.0.113.7]:51234"),
+            sa("[::ffff:10.0.0.1]:993"),
+        );
+        assert_eq!(
+            decoded(&bytes),
+            proxied("203.0.113.7:51234", "10.0.0.1:993")
+        );
+        // Mixed families (not from one socket, but from a header and a socket): TCP6.
+        let bytes = encode_v2(sa("203.0.113.7:51234"), sa("[fd00::1]:143"));
+        assert_eq!(
+            decoded(&bytes),
+            proxied("[::ffff:203.0.113.7]:51234", "[fd00::1]:143")
+        );
     }
 }

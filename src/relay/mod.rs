@@ -9,6 +9,9 @@ mod buf;
 mod gate;
 pub mod murder;
 mod pending;
+mod splice;
+
+pub use self::splice::pooled_pipes;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,7 +29,7 @@ use crate::proto::framer::{FrameError, Framer, HEAD_LEN, Piece};
 use crate::proto::prescan::{CommandName, Prescan, prescan, tag_of};
 use crate::proto::response;
 use crate::shutdown::{Stop, StopReason};
-use crate::stream::{ReadHalf, Stream};
+use crate::stream::{ReadHalf, Stream, WriteHalf};
 
 /// Responses the gateway may queue for a client before the relay stops reading its commands.
 const INJECT_QUEUE: usize = 8;
@@ -350,17 +353,14 @@ where
 }
 
 /// Client to backend: forwards command bytes, rewriting or answering the intercepted ones.
-async fn upstream<W>(
+async fn upstream(
     client: &mut ReadHalf<'_>,
-    backend: &mut W,
+    backend: &mut WriteHalf<'_>,
     ahead: Vec<u8>,
     progress: &Progress,
     opts: &RelayOptions,
     ctx: &RelayContext,
-) -> UpEnd
-where
-    W: AsyncWrite + Unpin,
-{
+) -> UpEnd {
     let mut framer = Framer::new(opts.max_command_line, opts.max_literal);
     let mut slot = (!ahead.is_empty()).then(|| Buf::with(&ahead));
     let mut filled = ahead.len();
@@ -464,6 +464,30 @@ where
         progress
             .at_boundary
             .store(framer.at_message_start() && filled == 0, Ordering::Release);
+        if swallow.is_none()
+            && filled == 0
+            && let Some(left) = framer.literal_remaining()
+            && left >= splice::MIN_SPLICE
+            && let (ReadHalf::Plain(from), WriteHalf::Plain(to)) = (&*client, &*backend)
+        {
+            // The rest of an APPEND literal: the gateway has nothing to see in it.
+            slot = None;
+            let counters = &ctx.counters;
+            match splice::transfer(from.as_ref(), to.as_ref(), left, |n| {
+                counters.client_to_backend.inc_by(n as u64);
+                counters.spliced[0].inc_by(n as u64);
+            })
+            .await
+            {
+                Ok(true) => {
+                    framer.skip_literal(left);
+                    continue;
+                }
+                Ok(false) => {}
+                Err(splice::SpliceError::Source) => return UpEnd::ClientGone,
+                Err(splice::SpliceError::Sink) => return UpEnd::BackendGone,
+            }
+        }
         // A stop is taken only between commands: nothing of the next one has reached the
         // backend (a partial command head still here is dropped with the session).
         let stoppable = framer.at_message_start();
@@ -577,17 +601,14 @@ async fn write<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Resul
 
 /// Backend to client: forwards response bytes untouched, noting BYE and response boundaries,
 /// and writes the gateway's own answers between responses.
-async fn downstream<W>(
+async fn downstream(
     backend: &mut ReadHalf<'_>,
-    client: &mut W,
+    client: &mut WriteHalf<'_>,
     ahead: Vec<u8>,
     progress: &Progress,
     opts: &RelayOptions,
     ctx: &RelayContext,
-) -> DownEnd
-where
-    W: AsyncWrite + Unpin,
-{
+) -> DownEnd {
     let mut framer = Framer::new(opts.max_backend_line, u64::MAX);
     let mut slot = (!ahead.is_empty()).then(|| Buf::with(&ahead));
     let mut filled = ahead.len();
@@ -632,6 +653,34 @@ where
             filled = 0;
         }
         buf::normalize(&mut slot, 0);
+        if let Some(left) = framer.literal_remaining()
+            && left >= splice::MIN_SPLICE
+            && let (ReadHalf::Plain(from), WriteHalf::Plain(to)) = (&*backend, &*client)
+        {
+            // The rest of a message body (FETCH BODY[] and the like), not a safe point: the
+            // stop and injection checks below wait for the end of the response anyway.
+            slot = None;
+            let counters = &ctx.counters;
+            match splice::transfer(from.as_ref(), to.as_ref(), left, |n| {
+                counters.backend_to_client.inc_by(n as u64);
+                counters.spliced[1].inc_by(n as u64);
+            })
+            .await
+            {
+                Ok(true) => {
+                    framer.skip_literal(left);
+                    continue;
+                }
+                Ok(false) => {}
+                Err(splice::SpliceError::Source) => {
+                    return DownEnd::BackendClosed {
+                        saw_bye,
+                        at_boundary: false,
+                    };
+                }
+                Err(splice::SpliceError::Sink) => return DownEnd::ClientGone,
+            }
+        }
         if framer.at_message_start() {
             while let Some(answer) = progress.injected() {
                 if client.write_all(&answer).await.is_err() {

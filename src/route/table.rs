@@ -39,6 +39,8 @@ struct BackendSpec {
     server_name: Option<String>,
     #[serde(default)]
     trusted: bool,
+    #[serde(default)]
+    send_proxy_protocol: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -150,6 +152,9 @@ pub struct Backend {
     pub server_name: String,
     /// Whether the backend trusts the gateway to report the client's address (ID).
     pub trusted: bool,
+    /// Whether each connection starts with a PROXY protocol v2 header giving the client's
+    /// address (before TLS, as the backend reads it before anything else).
+    pub send_proxy_protocol: bool,
     /// Present when `tls` is not `None`.
     pub tls_config: Option<Arc<rustls::ClientConfig>>,
 }
@@ -161,6 +166,7 @@ impl std::fmt::Debug for Backend {
             .field("host", &self.host)
             .field("port", &self.port)
             .field("tls", &self.tls)
+            .field("send_proxy_protocol", &self.send_proxy_protocol)
             .finish_non_exhaustive()
     }
 }
@@ -254,6 +260,7 @@ impl RoutingTable {
                 tls: spec.tls,
                 server_name,
                 trusted: spec.trusted,
+                send_proxy_protocol: spec.send_proxy_protocol,
                 tls_config,
             }));
         }
@@ -529,6 +536,23 @@ mod tests {
         assert_eq!(t.lookup("bob@other.org").unwrap().home.name, "p");
         assert_eq!(t.lookup("bob").unwrap().home.name, "p");
         assert_eq!(t.lookup("bob@example.org").unwrap().home.host, "::1");
+    }
+
+    #[test]
+    fn send_proxy_protocol_is_per_backend_and_off_by_default() {
+        let t = table(
+            "default_pool = [\"a\"]\n\
+             [[backends]]\nname = \"a\"\naddress = \"h:1\"\nsend_proxy_protocol = true\n\
+             [[backends]]\nname = \"b\"\naddress = \"h:2\"\n\
+             [[routes]]\nuser = \"bob\"\nbackend = \"b\"\n",
+        );
+        assert!(t.lookup("alice").unwrap().home.send_proxy_protocol);
+        assert!(!t.lookup("bob").unwrap().home.send_proxy_protocol);
+        let err = RoutingTable::parse(
+            "[[backends]]\nname = \"a\"\naddress = \"h:1\"\nsend_proxy_protocol = \"yes\"\n",
+            Path::new("."),
+        );
+        assert!(err.is_err(), "a non-boolean is refused");
     }
 
     #[test]

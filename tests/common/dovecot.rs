@@ -61,6 +61,9 @@ pub struct DovecotOptions {
     pub users: Vec<(String, String)>,
     /// `login_trusted_networks = 127.0.0.0/8` (accepts `ID x-originating-ip`).
     pub trusted_networks: bool,
+    /// A third listener ([`Dovecot::haproxy_addr`]) with `haproxy = yes`: every connection
+    /// must start with a PROXY header, from `127.0.0.0/8` (`haproxy_trusted_networks`).
+    pub haproxy: bool,
     /// Settings appended to the generated configuration (later settings win).
     pub extra_config: String,
 }
@@ -81,6 +84,7 @@ impl Default for DovecotOptions {
                 ("carol@example.org".into(), "carolpw".into()),
             ],
             trusted_networks: true,
+            haproxy: false,
             extra_config: String::new(),
         }
     }
@@ -94,6 +98,7 @@ pub struct Dovecot {
     log_path: PathBuf,
     addr: SocketAddr,
     tls_addr: Option<SocketAddr>,
+    haproxy_addr: Option<SocketAddr>,
     ca_path: Option<PathBuf>,
     uid: u32,
     gid: u32,
@@ -166,6 +171,7 @@ impl Dovecot {
             log_path: root.join("dovecot.log"),
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             tls_addr: None,
+            haproxy_addr: None,
             ca_path,
             uid,
             gid,
@@ -178,8 +184,15 @@ impl Dovecot {
             opts,
             dir,
         };
-        dovecot.launch();
+        dovecot.launch(false);
         dovecot
+    }
+
+    /// Stops the instance and starts it again on the same ports, with the same mail, and
+    /// waits for its greeting (a backend restart as clients see it).
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch(true);
     }
 
     /// The plain IMAP listener (STARTTLS available when `ssl`).
@@ -190,6 +203,11 @@ impl Dovecot {
     /// The implicit-TLS IMAP listener, when `ssl`.
     pub fn tls_addr(&self) -> Option<SocketAddr> {
         self.tls_addr
+    }
+
+    /// The listener that expects a PROXY protocol header, when `haproxy`.
+    pub fn haproxy_addr(&self) -> Option<SocketAddr> {
+        self.haproxy_addr
     }
 
     /// PEM file of the CA that signed the server certificate (valid for
@@ -342,12 +360,15 @@ impl Dovecot {
     /// so that this process reaps it; PID 1 here is slow to reap orphaned
     /// daemons) and waits for its greeting, retrying with new ports when one
     /// was taken meanwhile.
-    fn launch(&mut self) {
+    fn launch(&mut self, keep_ports: bool) {
         let root = self.dir.path().to_path_buf();
         let mut last_failure = String::new();
         for attempt in 1..=START_ATTEMPTS {
-            self.addr = free_port();
-            self.tls_addr = self.opts.ssl.then(free_port);
+            if !keep_ports {
+                self.addr = free_port();
+                self.tls_addr = self.opts.ssl.then(free_port);
+                self.haproxy_addr = self.opts.haproxy.then(free_port);
+            }
             let conf = self.config_text();
             fs::write(&self.conf_path, conf).expect("writing dovecot.conf");
 
@@ -456,6 +477,9 @@ impl Dovecot {
         line("auth_failure_delay = 0");
         if o.trusted_networks {
             line("login_trusted_networks = 127.0.0.0/8");
+        }
+        if o.haproxy {
+            line("haproxy_trusted_networks = 127.0.0.0/8");
         }
         if o.ssl {
             line("ssl = yes");
@@ -584,6 +608,13 @@ impl Dovecot {
             None => line("    port = 0"),
         }
         line("  }");
+        if let Some(a) = self.haproxy_addr {
+            line("  inet_listener imap_haproxy {");
+            line("    address = 127.0.0.1");
+            line(&format!("    port = {}", a.port()));
+            line("    haproxy = yes");
+            line("  }");
+        }
         line("  service_count = 0");
         line("  process_min_avail = 1");
         line("}");

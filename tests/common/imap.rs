@@ -60,6 +60,13 @@ impl Client {
         self.io.get_mut().write_all(bytes).await.expect("write");
     }
 
+    /// Writes `bytes` where the gateway may have closed the connection already.
+    pub async fn try_write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        tokio::time::timeout(WAIT, self.io.get_mut().write_all(bytes))
+            .await
+            .expect("timed out writing")
+    }
+
     /// Reads one response line, with any literals it announces inlined.
     pub async fn read_response(&mut self) -> Vec<u8> {
         tokio::time::timeout(WAIT, self.read_response_inner())

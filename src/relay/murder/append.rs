@@ -136,6 +136,7 @@ impl Murder<'_> {
                     match conn.wire.forward(Some(&mut client.stream)).await {
                         Ok(()) => return Ok(true),
                         Err(ForwardError::Sink) => return Err(End::ClientGone),
+                        Err(ForwardError::Cut) => return Err(End::Cut),
                         Err(ForwardError::Source) => {
                             // The client got no `+`, so it sends no literal.
                             self.lost(i, tag).await?;
@@ -150,8 +151,10 @@ impl Murder<'_> {
                 _ => {
                     let out = (kind == Kind::Pass).then_some(&mut client.stream);
                     if let Err(e) = conn.wire.forward(out).await {
-                        if matches!(e, ForwardError::Sink) {
-                            return Err(End::ClientGone);
+                        match e {
+                            ForwardError::Sink => return Err(End::ClientGone),
+                            ForwardError::Cut => return Err(End::Cut),
+                            ForwardError::Source => {}
                         }
                         self.lost(i, tag).await?;
                         return Ok(false);

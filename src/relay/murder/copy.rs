@@ -452,7 +452,8 @@ async fn copy_one(
         };
         match body {
             Ok(()) => {}
-            Err(ForwardError::Source) => return Err(Failure::SourceLost),
+            // `copy_exact` reports any lost source as `Source`; the target is dealt with below.
+            Err(ForwardError::Source | ForwardError::Cut) => return Err(Failure::SourceLost),
             Err(ForwardError::Sink) => {
                 // The target is gone; read the source's answer to the end so it stays usable.
                 src.wire

@@ -166,6 +166,7 @@ impl Murder<'_> {
                     match conn.wire.forward_run(out, more).await {
                         Ok(()) => {}
                         Err(ForwardError::Sink) => return Err(End::ClientGone),
+                        Err(ForwardError::Cut) => return Err(End::Cut),
                         Err(ForwardError::Source) => {
                             self.lost(i, tag).await?;
                             return Ok(None);

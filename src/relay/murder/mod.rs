@@ -76,6 +76,9 @@ enum End {
     ClientGone,
     HomeLost,
     HomeBye,
+    /// A backend (home or mounted) went away in the middle of a response to the client: the
+    /// client holds a cut message, so the session ends without another word to it.
+    Cut,
     Client(RelayError),
     /// A stop (shutdown, kick) was asked and the session is at a safe point.
     Stopped,
@@ -235,6 +238,11 @@ impl Murder<'_> {
                 let _ = self.client.stream.shutdown().await;
                 RelayEnd::Autologout
             }
+            End::Cut => {
+                self.logout_all().await;
+                let _ = self.client.stream.shutdown().await;
+                RelayEnd::BackendLost
+            }
             End::Stopped => {
                 self.logout_all().await;
                 let reason = self.ctx.stop.reason();
@@ -392,6 +400,7 @@ impl Murder<'_> {
             {
                 Ok(()) => {}
                 Err(ForwardError::Sink) => return Err(End::ClientGone),
+                Err(ForwardError::Cut) => return Err(End::Cut),
                 Err(ForwardError::Source) => return self.conn_failed(i),
             }
         }
@@ -736,6 +745,7 @@ impl Murder<'_> {
                 match conn.wire.forward_run(Some(&mut client.stream), more).await {
                     Ok(()) => continue,
                     Err(ForwardError::Sink) => return Err(End::ClientGone),
+                    Err(ForwardError::Cut) => return Err(End::Cut),
                     Err(ForwardError::Source) => {
                         return self.lost(i, tag).await;
                     }

@@ -26,8 +26,12 @@ pub enum WireError {
 /// Where forwarding a message failed.
 #[derive(Debug)]
 pub enum ForwardError {
-    /// Reading from this side failed.
+    /// Reading from this side failed, between two messages as far as the other side knows.
     Source,
+    /// Reading from this side failed after part of a message had gone to the other side:
+    /// that side holds a cut message (inside a literal, perhaps), and whatever is written to
+    /// it next would be read as the rest of it.
+    Cut,
     /// Writing to the other side failed.
     Sink,
 }
@@ -155,11 +159,18 @@ impl Wire {
         more: impl Fn(&[u8]) -> bool,
     ) -> Result<(), ForwardError> {
         let mut framer = Framer::new(self.max_line, u64::MAX);
+        // Part of a message went to `out` and the rest has not.
+        let mut cut = false;
+        let lost = |cut: bool| {
+            if cut {
+                ForwardError::Cut
+            } else {
+                ForwardError::Source
+            }
+        };
         loop {
             if self.start == self.end {
-                self.fill(BUF_SIZE)
-                    .await
-                    .map_err(|_| ForwardError::Source)?;
+                self.fill(BUF_SIZE).await.map_err(|_| lost(cut))?;
             }
             let mut pos = self.start;
             let mut done = false;
@@ -177,13 +188,14 @@ impl Wire {
                         }
                     }
                     Ok(Piece::LiteralData { len, .. }) => pos += len,
-                    Err(_) => return Err(ForwardError::Source),
+                    Err(_) => return Err(lost(cut)),
                 }
             }
             if let Some(w) = out.as_mut() {
                 w.write_all(&self.buf[self.start..pos])
                     .await
                     .map_err(|_| ForwardError::Sink)?;
+                cut = !framer.at_message_start();
             }
             self.consume(pos - self.start);
             if done {
@@ -225,5 +237,50 @@ impl Wire {
 
     pub async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.stream.write_all(bytes).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A wire reading what `peer_sends` wrote before closing.
+    async fn wire_of(peer_sends: &'static [u8]) -> Wire {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut peer = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (ours, _) = listener.accept().await.unwrap();
+        peer.write_all(peer_sends).await.unwrap();
+        drop(peer);
+        Wire::new(Stream::Plain(ours), Vec::new(), 1024)
+    }
+
+    #[tokio::test]
+    async fn a_source_lost_inside_a_forwarded_message_is_a_cut() {
+        let mut wire = wire_of(b"* 1 FETCH (BODY[] {10}\r\nabc").await;
+        let mut out = Vec::new();
+        assert!(matches!(
+            wire.forward(Some(&mut out)).await,
+            Err(ForwardError::Cut)
+        ));
+        assert_eq!(out, b"* 1 FETCH (BODY[] {10}\r\nabc");
+    }
+
+    #[tokio::test]
+    async fn a_source_lost_between_messages_or_while_dropping_is_not() {
+        let mut wire = wire_of(b"* OK first\r\n").await;
+        let mut out = Vec::new();
+        assert!(wire.forward(Some(&mut out)).await.is_ok());
+        assert!(matches!(
+            wire.forward(Some(&mut out)).await,
+            Err(ForwardError::Source)
+        ));
+        // Nothing of a dropped message reaches anyone: there is nothing to cut.
+        let mut wire = wire_of(b"* 1 FETCH (BODY[] {10}\r\nabc").await;
+        assert!(matches!(
+            wire.forward::<Vec<u8>>(None).await,
+            Err(ForwardError::Source)
+        ));
     }
 }

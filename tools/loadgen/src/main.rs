@@ -54,9 +54,11 @@ enum Command {
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// Server to load (the gateway, or a backend directly).
-    #[arg(long)]
-    target: SocketAddr,
+    /// Server to load (the gateway, or a backend directly). Repeat it to spread the sessions
+    /// over several servers by user number (the same users on each, as the gateway spreads
+    /// them over its backends).
+    #[arg(long, required = true)]
+    target: Vec<SocketAddr>,
     /// Implicit TLS (port 993 style).
     #[arg(long)]
     tls: bool,
@@ -102,6 +104,10 @@ struct Args {
     /// Target process to sample (CPU time and VmRSS from /proc); repeat to sum several.
     #[arg(long)]
     pid: Vec<u32>,
+    /// Backend server to sample: this process and all its descendants, with children that
+    /// ended (a Dovecot master's pid); repeat for several servers. Login, fetch, latency.
+    #[arg(long)]
+    backend_tree: Vec<u32>,
     /// Mailbox to SELECT (fetch, latency, idle).
     #[arg(long, default_value = "INBOX")]
     mailbox: String,
@@ -175,7 +181,7 @@ impl Ctx {
 
     /// Connects as connection number `conn`, user number `user`, and logs in.
     async fn login(&self, conn: u64, user: u64, buf: usize) -> Result<Conn> {
-        let stream = self.dialer.connect(conn).await?;
+        let stream = self.dialer.connect(conn, user).await?;
         let mut c = Conn::new(stream, buf);
         c.read_greeting().await?;
         c.send(self.login_cmd(user)).await?;
@@ -367,7 +373,8 @@ fn base_json(ctx: &Ctx, nofile: u64) -> serde_json::Map<String, Value> {
     if let Some(l) = &a.label {
         m.insert("label".into(), json!(l));
     }
-    m.insert("target".into(), json!(a.target.to_string()));
+    let targets: Vec<String> = a.target.iter().map(ToString::to_string).collect();
+    m.insert("target".into(), json!(targets.join(",")));
     m.insert("tls".into(), json!(a.tls));
     m.insert("clients".into(), json!(a.clients));
     m.insert("pids".into(), json!(a.pid));
@@ -378,7 +385,8 @@ fn base_json(ctx: &Ctx, nofile: u64) -> serde_json::Map<String, Value> {
 /// Runs login, fetch or latency.
 async fn run_load(ctx: Arc<Ctx>, nofile: u64) -> Result<Value> {
     let pids = ctx.args.pid.clone();
-    let before = Sample::take(&pids)?;
+    let trees = ctx.args.backend_tree.clone();
+    let before = Sample::take(&pids, &trees)?;
     let mut set = JoinSet::new();
     for client in 0..ctx.args.clients {
         let ctx = ctx.clone();
@@ -393,12 +401,12 @@ async fn run_load(ctx: Arc<Ctx>, nofile: u64) -> Result<Value> {
         (s1, t1) = (before, ctx.measure_start);
     } else {
         tokio::time::sleep_until(ctx.measure_start).await;
-        (s1, t1) = (Sample::take(&pids)?, Instant::now());
+        (s1, t1) = (Sample::take(&pids, &trees)?, Instant::now());
         tokio::time::sleep_until(ctx.measure_end).await;
     }
     let mut tally = Tally::default();
     if ctx.args.count.is_none() {
-        (s2, t2) = (Sample::take(&pids)?, Instant::now());
+        (s2, t2) = (Sample::take(&pids, &trees)?, Instant::now());
         ctx.stop.store(true, Ordering::Relaxed);
         let deadline = Instant::now() + Duration::from_secs(30);
         while let Ok(Some(r)) = tokio::time::timeout_at(deadline, set.join_next()).await {
@@ -413,7 +421,7 @@ async fn run_load(ctx: Arc<Ctx>, nofile: u64) -> Result<Value> {
                 tally.add(t);
             }
         }
-        (s2, t2) = (Sample::take(&pids)?, Instant::now());
+        (s2, t2) = (Sample::take(&pids, &trees)?, Instant::now());
     }
 
     let secs = (t2 - t1).as_secs_f64();
@@ -452,6 +460,18 @@ async fn run_load(ctx: Arc<Ctx>, nofile: u64) -> Result<Value> {
             json!(per(target_cpu, mb, 1000.0)),
         );
     }
+    let backend_cpu = opt_sub(s2.backend_cpu_s, s1.backend_cpu_s);
+    m.insert("backend_cpu_s".into(), json!(backend_cpu.map(round3)));
+    m.insert(
+        "backend_cpu_ms_per_op".into(),
+        json!(per(backend_cpu, ops, 1000.0)),
+    );
+    if ctx.args.scenario == Scenario::Fetch {
+        m.insert(
+            "backend_cpu_ms_per_mb".into(),
+            json!(per(backend_cpu, mb, 1000.0)),
+        );
+    }
     m.insert("target_rss_kb_before".into(), json!(before.target_rss_kb));
     m.insert("target_rss_kb_after".into(), json!(s2.target_rss_kb));
     m.insert("self_cpu_s".into(), json!(round3(self_cpu)));
@@ -483,7 +503,7 @@ async fn run_idle(ctx: Arc<Ctx>, nofile: u64) -> Result<Value> {
     let pids = ctx.args.pid.clone();
     let n = ctx.args.clients;
     let hold = ctx.args.duration.unwrap_or(Duration::from_secs(10));
-    let before = Sample::take(&pids)?;
+    let before = Sample::take(&pids, &[])?;
     let self_rss_before = stats::proc_rss_kb(std::process::id()).unwrap_or(0);
     let idling = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -557,19 +577,19 @@ async fn run_idle(ctx: Arc<Ctx>, nofile: u64) -> Result<Value> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let ramp_s = (Instant::now() - ramp_start).as_secs_f64();
-    let after_ramp = Sample::take(&pids)?;
+    let after_ramp = Sample::take(&pids, &[])?;
     tokio::time::sleep(ctx.args.warmup).await;
-    let hold_start = Sample::take(&pids)?;
+    let hold_start = Sample::take(&pids, &[])?;
     let self_rss_idle = stats::proc_rss_kb(std::process::id()).unwrap_or(0);
     let idle_now = idling.load(Ordering::Relaxed);
     tokio::time::sleep(hold).await;
-    let hold_end = Sample::take(&pids)?;
+    let hold_end = Sample::take(&pids, &[])?;
     let idle_at_end = idling.load(Ordering::Relaxed) - dropped.load(Ordering::Relaxed);
     let _ = stop_tx.send(true);
     let deadline = Instant::now() + Duration::from_secs(120);
     while let Ok(Some(_)) = tokio::time::timeout_at(deadline, set.join_next()).await {}
     set.abort_all();
-    let end = Sample::take(&pids)?;
+    let end = Sample::take(&pids, &[])?;
 
     let sessions = idle_now as f64;
     let mut m = base_json(&ctx, nofile);
@@ -659,7 +679,7 @@ fn build_ctx(args: Args) -> Result<Ctx> {
         bail!("--commands is empty");
     }
     let dialer = Dialer::new(
-        args.target,
+        args.target.clone(),
         args.src_ips,
         args.tls,
         args.ca.as_deref(),

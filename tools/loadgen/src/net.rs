@@ -20,7 +20,8 @@ pub use imap_gateway::stream::Stream;
 
 /// How to reach the target.
 pub struct Dialer {
-    target: SocketAddr,
+    /// Servers to spread sessions over, by user number.
+    targets: Vec<SocketAddr>,
     /// Number of loopback source addresses to spread connections over (0: let the kernel
     /// choose, i.e. 127.0.0.1 for a loopback target).
     src_ips: u32,
@@ -29,14 +30,17 @@ pub struct Dialer {
 
 impl Dialer {
     pub fn new(
-        target: SocketAddr,
+        targets: Vec<SocketAddr>,
         src_ips: u32,
         tls: bool,
         ca: Option<&Path>,
         sni: &str,
         resume: bool,
     ) -> Result<Dialer> {
-        if src_ips > 0 && !target.ip().is_loopback() {
+        if targets.is_empty() {
+            bail!("no --target");
+        }
+        if src_ips > 0 && targets.iter().any(|t| !t.ip().is_loopback()) {
             bail!("--src-ips spreads over 127.0.0.0/8 and needs a loopback target");
         }
         if src_ips > 64_000 {
@@ -67,7 +71,7 @@ impl Dialer {
             None
         };
         Ok(Dialer {
-            target,
+            targets,
             src_ips,
             tls,
         })
@@ -83,10 +87,11 @@ impl Dialer {
         Some(IpAddr::V4(Ipv4Addr::new(127, 77, x as u8, y as u8)))
     }
 
-    /// Connects (connection number `i` picks the source address) and does the TLS
-    /// handshake when asked to.
-    pub async fn connect(&self, i: u64) -> Result<Stream> {
-        let socket = if self.target.is_ipv4() {
+    /// Connects (connection number `i` picks the source address, user number `user` the
+    /// target) and does the TLS handshake when asked to.
+    pub async fn connect(&self, i: u64, user: u64) -> Result<Stream> {
+        let target = self.targets[(user % self.targets.len() as u64) as usize];
+        let socket = if target.is_ipv4() {
             TcpSocket::new_v4()?
         } else {
             TcpSocket::new_v6()?
@@ -112,9 +117,9 @@ impl Dialer {
                 .with_context(|| format!("bind {ip}"))?;
         }
         let tcp = socket
-            .connect(self.target)
+            .connect(target)
             .await
-            .with_context(|| format!("connect {}", self.target))?;
+            .with_context(|| format!("connect {target}"))?;
         tcp.set_nodelay(true)?;
         match &self.tls {
             None => Ok(Stream::Plain(tcp)),

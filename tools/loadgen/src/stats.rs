@@ -26,6 +26,63 @@ pub fn proc_cpu_s(pid: u32) -> Result<f64> {
     Ok((utime + stime) as f64 / clock_ticks())
 }
 
+/// CPU seconds of the process trees rooted at `roots`: user + system time of every live
+/// process in them, plus the time of children that already ended (`cutime + cstime`, which
+/// a parent gains when it reaps them). A server such as Dovecot forks a process per service
+/// and ends them now and then; its master reaps them, so this sum only grows and the
+/// difference of two samples is what the whole server spent between them.
+pub fn tree_cpu_s(roots: &[u32]) -> Result<f64> {
+    let mut procs = Vec::new();
+    for entry in std::fs::read_dir("/proc").context("reading /proc")? {
+        let Ok(entry) = entry else { continue };
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A process may end between the listing and the read: skip it.
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.len() < 15 {
+            continue;
+        }
+        let num = |i: usize| f[i].parse::<u64>().unwrap_or(0);
+        // ppid is field 4; utime, stime, cutime, cstime fields 14 to 17.
+        procs.push((pid, num(1) as u32, num(11) + num(12) + num(13) + num(14)));
+    }
+    let mut in_tree: Vec<u32> = roots.to_vec();
+    for &root in roots {
+        if !procs.iter().any(|p| p.0 == root) {
+            bail!("no process {root}");
+        }
+    }
+    // Parents come before children in no particular order: grow the set until it is stable.
+    loop {
+        let before = in_tree.len();
+        for p in &procs {
+            if in_tree.contains(&p.1) && !in_tree.contains(&p.0) {
+                in_tree.push(p.0);
+            }
+        }
+        if in_tree.len() == before {
+            break;
+        }
+    }
+    let ticks: u64 = procs
+        .iter()
+        .filter(|p| in_tree.contains(&p.0))
+        .map(|p| p.2)
+        .sum();
+    Ok(ticks as f64 / clock_ticks())
+}
+
 /// Resident set size of a process in KiB, from /proc/PID/status (VmRSS).
 pub fn proc_rss_kb(pid: u32) -> Result<u64> {
     let path = format!("/proc/{pid}/status");
@@ -84,13 +141,20 @@ pub fn host_cpu_s() -> (f64, f64) {
 pub struct Sample {
     pub target_cpu_s: Option<f64>,
     pub target_rss_kb: Option<u64>,
+    /// CPU of the backend server's process trees (`--backend-tree`).
+    pub backend_cpu_s: Option<f64>,
     pub self_cpu_s: f64,
     pub host_busy_s: f64,
     pub host_nice_s: f64,
 }
 
 impl Sample {
-    pub fn take(pids: &[u32]) -> Result<Sample> {
+    pub fn take(pids: &[u32], trees: &[u32]) -> Result<Sample> {
+        let backend_cpu_s = if trees.is_empty() {
+            None
+        } else {
+            Some(tree_cpu_s(trees)?)
+        };
         let (mut cpu, mut rss) = (None, None);
         if !pids.is_empty() {
             let mut c = 0.0;
@@ -106,6 +170,7 @@ impl Sample {
         Ok(Sample {
             target_cpu_s: cpu,
             target_rss_kb: rss,
+            backend_cpu_s,
             self_cpu_s: self_cpu_s(),
             host_busy_s,
             host_nice_s,
@@ -179,5 +244,15 @@ mod tests {
         let pid = std::process::id();
         assert!(proc_cpu_s(pid).is_ok());
         assert!(proc_rss_kb(pid).is_ok_and(|kb| kb > 0));
+        // A child that burns CPU and is reaped still counts in its parent's tree.
+        let before = tree_cpu_s(&[pid]).unwrap();
+        let status = std::process::Command::new("sh")
+            .args(["-c", "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let after = tree_cpu_s(&[pid]).unwrap();
+        assert!(after - before >= 0.05, "{before} -> {after}");
+        assert!(tree_cpu_s(&[u32::MAX - 1]).is_err());
     }
 }

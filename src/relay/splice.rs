@@ -1,0 +1,233 @@
+//! Literal data moved between two plain TCP connections without passing through user space.
+//! Once the framer has seen a literal's announcement it knows how many of the next bytes are
+//! message data that the gateway never looks at; when both legs are plain TCP those bytes go
+//! socket -> pipe -> socket with `splice(2)`, which moves page references instead of copying
+//! twice through a buffer. Pipes come from a small shared pool and are held only while a
+//! literal streams; when none can be had, the caller falls back to the buffered path.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::{Mutex, PoisonError};
+
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+/// Smallest literal remainder worth a pipe: below it the buffered path, whose buffer is
+/// already at hand, costs fewer system calls than the two splices per pipe load.
+pub const MIN_SPLICE: u64 = 64 * 1024;
+/// Pipe capacity asked for. Each pipe load costs two `splice` calls; 256 KiB keeps that to
+/// a few per megabyte while staying well inside the kernel's per-user pipe allowance
+/// (`fs.pipe-user-pages-soft`, 64 MiB) with [`MAX_FREE`] pipes pooled.
+const PIPE_SIZE: i32 = 256 * 1024;
+/// Most idle pipes kept for reuse (each is two descriptors and no memory while empty).
+const MAX_FREE: usize = 32;
+
+static FREE: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
+
+/// Idle pipes in the pool (two descriptors each), for leak accounting.
+pub fn pooled_pipes() -> usize {
+    FREE.lock().unwrap_or_else(PoisonError::into_inner).len()
+}
+
+/// Why a splice transfer stopped early.
+#[derive(Debug)]
+pub enum SpliceError {
+    /// The source ended or failed before the literal was complete.
+    Source,
+    /// The destination failed.
+    Sink,
+}
+
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Pipe> {
+        let mut fds: [RawFd; 2] = [-1; 2];
+        // SAFETY: `fds` is a valid array of two descriptors for pipe2 to fill.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+        let pipe = unsafe {
+            Pipe {
+                read: OwnedFd::from_raw_fd(fds[0]),
+                write: OwnedFd::from_raw_fd(fds[1]),
+            }
+        };
+        // A smaller pipe (the default 64 KiB, or less once the user's allowance is used up)
+        // still works, with more calls per megabyte.
+        // SAFETY: fcntl on a descriptor we own.
+        unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
+        Ok(pipe)
+    }
+}
+
+/// A pipe on loan, with how many bytes sit in it. An empty pipe goes back to the pool; one
+/// that still holds bytes (the transfer was abandoned midway) is closed, so that stale data
+/// never reaches another session.
+struct Loan {
+    pipe: Option<Pipe>,
+    queued: usize,
+}
+
+impl Loan {
+    fn take() -> Option<Loan> {
+        let pooled = FREE.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        let pipe = match pooled {
+            Some(pipe) => pipe,
+            // Out of descriptors, say: the buffered path still works.
+            None => Pipe::new().ok()?,
+        };
+        Some(Loan {
+            pipe: Some(pipe),
+            queued: 0,
+        })
+    }
+}
+
+impl Drop for Loan {
+    fn drop(&mut self) {
+        if self.queued != 0 {
+            return;
+        }
+        if let Some(pipe) = self.pipe.take() {
+            let mut free = FREE.lock().unwrap_or_else(PoisonError::into_inner);
+            if free.len() < MAX_FREE {
+                // Reserved whole once, so giving back never allocates.
+                free.reserve_exact(MAX_FREE);
+                free.push(pipe);
+            }
+        }
+    }
+}
+
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: both descriptors are open for the duration of the call; null offsets mean
+    // "current position", as pipes and sockets require.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// Moves `len` bytes from `from` to `to` through a pooled pipe, calling `moved` with each
+/// amount delivered to `to`. `Ok(false)`: no pipe could be had and nothing was moved; the
+/// caller relays the bytes itself. Cancel-safe only in the sense that dropping it loses the
+/// bytes in flight: callers drop it only when the session ends.
+pub async fn transfer(
+    from: &TcpStream,
+    to: &TcpStream,
+    len: u64,
+    mut moved: impl FnMut(usize),
+) -> Result<bool, SpliceError> {
+    let Some(mut loan) = Loan::take() else {
+        return Ok(false);
+    };
+    let Some(pipe) = loan.pipe.as_ref() else {
+        return Ok(false);
+    };
+    let (pipe_r, pipe_w) = (pipe.read.as_raw_fd(), pipe.write.as_raw_fd());
+    let mut left = len;
+    while left > 0 {
+        // The pipe is empty here, so EAGAIN can only mean the socket has nothing yet.
+        let want = usize::try_from(left).unwrap_or(usize::MAX);
+        let filled = loop {
+            from.readable().await.map_err(|_| SpliceError::Source)?;
+            match from.try_io(Interest::READABLE, || {
+                splice(from.as_raw_fd(), pipe_w, want)
+            }) {
+                Ok(0) => return Err(SpliceError::Source),
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(_) => return Err(SpliceError::Source),
+            }
+        };
+        loan.queued = filled;
+        left -= filled as u64;
+        while loan.queued > 0 {
+            // The pipe holds `queued` bytes, so EAGAIN can only mean the socket is full.
+            to.writable().await.map_err(|_| SpliceError::Sink)?;
+            match to.try_io(Interest::WRITABLE, || {
+                splice(pipe_r, to.as_raw_fd(), loan.queued)
+            }) {
+                Ok(0) => return Err(SpliceError::Sink),
+                Ok(n) => {
+                    loan.queued -= n;
+                    moved(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(_) => return Err(SpliceError::Sink),
+            }
+        }
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (a.unwrap(), b.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn moves_exactly_the_literal_and_leaves_what_follows() {
+        let (mut src_w, src_r) = pair().await;
+        let (dst_w, mut dst_r) = pair().await;
+        let body: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let writer = tokio::spawn({
+            let body = body.clone();
+            async move {
+                src_w.write_all(&body).await.unwrap();
+                src_w.write_all(b")\r\nA1 OK done\r\n").await.unwrap();
+                src_w
+            }
+        });
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0; 3_000_000];
+            dst_r.read_exact(&mut got).await.unwrap();
+            got
+        });
+        let mut total = 0;
+        let done = transfer(&src_r, &dst_w, body.len() as u64, |n| total += n)
+            .await
+            .unwrap();
+        assert!(done);
+        assert_eq!(total, body.len());
+        assert_eq!(reader.await.unwrap(), body);
+        let _src_w = writer.await.unwrap();
+        // What follows the literal is still in the source socket, unread.
+        let mut rest = [0u8; 15];
+        let mut src_r = src_r;
+        src_r.read_exact(&mut rest).await.unwrap();
+        assert_eq!(&rest, b")\r\nA1 OK done\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_source_that_ends_early_is_reported() {
+        let (mut src_w, src_r) = pair().await;
+        let (dst_w, _dst_r) = pair().await;
+        src_w.write_all(&[7u8; 1000]).await.unwrap();
+        drop(src_w);
+        let mut total = 0;
+        let r = transfer(&src_r, &dst_w, 5000, |n| total += n).await;
+        assert!(matches!(r, Err(SpliceError::Source)));
+        assert_eq!(total, 1000);
+    }
+}
