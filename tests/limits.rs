@@ -523,3 +523,50 @@ async fn preauth_and_session_limits_are_counted() {
     assert_eq!(hits(&gw, Limit::Literal), 1);
     gw.stop().await;
 }
+
+/// A large APPEND literal is spliced socket to socket, outside the relay's read loop: a slow
+/// upload that keeps flowing for longer than the timer is activity, and the timer runs from
+/// its end; an upload that stops flowing is cut like any client quiet mid-command.
+#[tokio::test]
+async fn autologout_and_spliced_literals() {
+    let dovecot = Dovecot::start(DovecotOptions::default());
+    let gw = start(&dovecot, |c| {
+        c.timeouts.autologout_unchecked = Some(AUTOLOGOUT);
+    })
+    .await;
+    // Over the splice threshold (64 KiB), sent in pieces for about three timer periods.
+    let mut msg = b"From: slow@example.org\r\nSubject: slow upload\r\n\r\n".to_vec();
+    while msg.len() < 256 * 1024 {
+        msg.extend_from_slice(&[b'x'; 78]);
+        msg.extend_from_slice(b"\r\n");
+    }
+    let mut c = Client::connect(gw.addr).await;
+    c.login("alice", "alicepw").await;
+    c.write(format!("a1 APPEND INBOX {{{}}}\r\n", msg.len()).as_bytes())
+        .await;
+    let cont = line(&mut c).await;
+    assert!(cont.starts_with("+ "), "{cont:?}");
+    let pieces = 12;
+    let piece = msg.len().div_ceil(pieces);
+    for chunk in msg.chunks(piece) {
+        c.write(chunk).await;
+        tokio::time::sleep(AUTOLOGOUT / 4).await;
+    }
+    c.write(b"\r\n").await;
+    let r = c.until_tagged("a1").await;
+    assert!(tagged_ok(&r), "{r}");
+    assert!(gw.shared.metrics.relay.spliced[0].get() > 0, "not spliced");
+    // Right after the upload the session is alive: the timer restarted with it.
+    assert!(tagged_ok(&c.cmd("NOOP").await));
+
+    // An upload that stalls inside the spliced literal.
+    c.write(format!("a3 APPEND INBOX {{{}}}\r\n", msg.len()).as_bytes())
+        .await;
+    let cont = line(&mut c).await;
+    assert!(cont.starts_with("+ "), "{cont:?}");
+    c.write(&msg[..msg.len() / 2]).await;
+    let rest = String::from_utf8(c.read_to_end().await).unwrap();
+    assert_eq!(rest, AUTOLOGOUT_BYE);
+    assert_eq!(ended(&gw, "autologout"), 1);
+    gw.stop().await;
+}

@@ -14,7 +14,7 @@ mod splice;
 pub use self::splice::pooled_pipes;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -286,6 +286,54 @@ pub async fn run(
     }
 }
 
+/// When the client last sent something. Atomic rather than a `Cell` only because it is
+/// borrowed across awaits in a future that must be `Send`; one task uses it.
+struct Activity {
+    base: tokio::time::Instant,
+    /// Nanoseconds from `base`.
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            base: tokio::time::Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let since = self.base.elapsed().as_nanos();
+        self.last
+            .store(u64::try_from(since).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    fn get(&self) -> tokio::time::Instant {
+        after(
+            self.base,
+            Duration::from_nanos(self.last.load(Ordering::Relaxed)),
+        )
+    }
+}
+
+/// Resolves once `wait` has passed since `last` without `last` moving on. The timer is
+/// moved on lazily, when it fires, rather than at every read: a read only notes the time,
+/// which costs no timer-wheel update on the hot path.
+async fn idle_for(
+    mut timer: std::pin::Pin<&mut tokio::time::Sleep>,
+    last: &Activity,
+    wait: Duration,
+) {
+    loop {
+        timer.as_mut().await;
+        let due = after(last.get(), wait);
+        if tokio::time::Instant::now() >= due {
+            return;
+        }
+        timer.as_mut().reset(due);
+    }
+}
+
 /// `from + wait`, or a year from `from` when that is past what an `Instant` can hold (a
 /// configured autologout of "1000 years" means never, not a panic).
 pub(crate) fn after(from: tokio::time::Instant, wait: Duration) -> tokio::time::Instant {
@@ -369,11 +417,12 @@ async fn upstream(
     progress.at_boundary.store(filled == 0, Ordering::Release);
     // When set, the current message is swallowed and this answer is sent once it ends.
     let mut swallow: Option<Vec<u8>> = None;
-    // The timer is moved on lazily when it fires, not at every read: a read only notes
-    // the time, which costs no timer-wheel update on the hot path.
-    let mut last_read = tokio::time::Instant::now();
-    let mut autologout =
-        std::pin::pin!(tokio::time::sleep_until(after(last_read, opts.autologout)));
+    // Shared with a spliced literal's transfer, which notes its progress from inside.
+    let last_read = Activity::new();
+    let mut autologout = std::pin::pin!(tokio::time::sleep_until(after(
+        last_read.get(),
+        opts.autologout
+    )));
     loop {
         if let Some(buf) = slot.as_deref_mut() {
             let mut pos = 0;
@@ -473,12 +522,19 @@ async fn upstream(
             // The rest of an APPEND literal: the gateway has nothing to see in it.
             slot = None;
             let counters = &ctx.counters;
-            match splice::transfer(from.as_ref(), to.as_ref(), left, |n| {
+            let transfer = splice::transfer(from.as_ref(), to.as_ref(), left, |n| {
                 counters.client_to_backend.inc_by(n as u64);
                 counters.spliced[0].inc_by(n as u64);
-            })
-            .await
-            {
+                last_read.touch();
+            });
+            // A literal that stops flowing is the client gone quiet mid-command.
+            let spliced = tokio::select! {
+                r = transfer => r,
+                _ = idle_for(autologout.as_mut(), &last_read, opts.autologout) => {
+                    return UpEnd::Autologout;
+                }
+            };
+            match spliced {
                 Ok(true) => {
                     framer.skip_literal(left);
                     continue;
@@ -500,12 +556,7 @@ async fn upstream(
                     // The other side ends the session once the backend has answered.
                     return std::future::pending().await;
                 }
-                _ = autologout.as_mut() => {
-                    let due = after(last_read, opts.autologout);
-                    if tokio::time::Instant::now() < due {
-                        autologout.as_mut().reset(due);
-                        continue;
-                    }
+                _ = idle_for(autologout.as_mut(), &last_read, opts.autologout) => {
                     if !stoppable {
                         return UpEnd::Autologout;
                     }
@@ -516,7 +567,7 @@ async fn upstream(
                 }
             }
         };
-        last_read = tokio::time::Instant::now();
+        last_read.touch();
         match read {
             Ok(0) | Err(_) => return UpEnd::ClientGone,
             Ok(n) => {
