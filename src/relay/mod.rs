@@ -547,24 +547,22 @@ async fn upstream(
         // A stop is taken only between commands: nothing of the next one has reached the
         // backend (a partial command head still here is dropped with the session).
         let stoppable = framer.at_message_start();
-        let read = loop {
-            tokio::select! {
-                r = buf::read_into(client, &mut slot, filled) => break r,
-                _ = ctx.stop.requested(), if stoppable => {
-                    progress.parked.store(true, Ordering::Release);
-                    progress.parked_notify.notify_one();
-                    // The other side ends the session once the backend has answered.
-                    return std::future::pending().await;
+        let read = tokio::select! {
+            r = buf::read_into(client, &mut slot, filled) => r,
+            _ = ctx.stop.requested(), if stoppable => {
+                progress.parked.store(true, Ordering::Release);
+                progress.parked_notify.notify_one();
+                // The other side ends the session once the backend has answered.
+                return std::future::pending().await;
+            }
+            _ = idle_for(autologout.as_mut(), &last_read, opts.autologout) => {
+                if !stoppable {
+                    return UpEnd::Autologout;
                 }
-                _ = idle_for(autologout.as_mut(), &last_read, opts.autologout) => {
-                    if !stoppable {
-                        return UpEnd::Autologout;
-                    }
-                    progress.autologout.store(true, Ordering::Release);
-                    progress.parked.store(true, Ordering::Release);
-                    progress.parked_notify.notify_one();
-                    return std::future::pending().await;
-                }
+                progress.autologout.store(true, Ordering::Release);
+                progress.parked.store(true, Ordering::Release);
+                progress.parked_notify.notify_one();
+                return std::future::pending().await;
             }
         };
         last_read.touch();
