@@ -192,6 +192,7 @@ impl Session {
             backend_logout: Duration::from_secs(1),
             rewrite_referrals: false,
             splice: true,
+            autologout: imap_gateway::config::MIN_AUTOLOGOUT,
         };
         let ctx = RelayContext {
             stop: Stop::never(),

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod backend;
 pub mod config;
+pub mod limits;
 pub mod metrics;
 pub mod net;
 pub mod preauth;
@@ -51,6 +52,8 @@ pub enum GatewayError {
     AdminToken(std::io::Error),
     #[error(transparent)]
     Metrics(#[from] metrics::MetricsError),
+    #[error("limits.exempt_networks: {0}")]
+    ExemptNetworks(config::cidr::CidrError),
     #[error("admin server: cannot bind {address}: {source}")]
     AdminBind {
         address: SocketAddr,
@@ -117,15 +120,18 @@ impl Gateway {
         }
         metrics.routing_generation.set(1);
         metrics.routing_last_reload.set(unix_now());
-        let shared = Arc::new(Shared::new(
-            config,
-            routes,
-            passdb,
-            master_password,
-            admin_token,
-            registry,
-            metrics,
-        ));
+        let shared = Arc::new(
+            Shared::new(
+                config,
+                routes,
+                passdb,
+                master_password,
+                admin_token,
+                registry,
+                metrics,
+            )
+            .map_err(GatewayError::ExemptNetworks)?,
+        );
         // Listeners bound (connections queue from now on) and a routing table loaded.
         shared.lifecycle.set_ready();
         Ok(Self {

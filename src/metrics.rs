@@ -46,10 +46,12 @@ pub enum SessionEnd {
     Kicked,
     /// Dropped at the end of the shutdown grace period or the kick deadline.
     Forced,
+    /// Logged out by the gateway after `timeouts.autologout` without a byte from the client.
+    Autologout,
 }
 
 impl SessionEnd {
-    const ALL: [SessionEnd; 7] = [
+    const ALL: [SessionEnd; 8] = [
         SessionEnd::Logout,
         SessionEnd::ClientGone,
         SessionEnd::BackendLost,
@@ -57,6 +59,7 @@ impl SessionEnd {
         SessionEnd::Drained,
         SessionEnd::Kicked,
         SessionEnd::Forced,
+        SessionEnd::Autologout,
     ];
 
     pub fn label(self) -> &'static str {
@@ -68,6 +71,7 @@ impl SessionEnd {
             SessionEnd::Drained => "drained",
             SessionEnd::Kicked => "kicked",
             SessionEnd::Forced => "forced",
+            SessionEnd::Autologout => "autologout",
         }
     }
 }
@@ -83,7 +87,85 @@ impl From<&crate::relay::RelayEnd> for SessionEnd {
             RelayEnd::Error(_) => SessionEnd::Error,
             RelayEnd::Stopped(StopReason::Shutdown) => SessionEnd::Drained,
             RelayEnd::Stopped(StopReason::Kick) => SessionEnd::Kicked,
+            RelayEnd::Autologout => SessionEnd::Autologout,
         }
+    }
+}
+
+/// A limit that refused a connection or a login, or ended a connection or a session: a
+/// bounded label, never the address or the user it was about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// `limits.max_connections`: a connection refused at accept.
+    Connections = 0,
+    /// `limits.max_connections_per_ip`.
+    ConnectionsPerIp,
+    /// `limits.max_sessions_per_user`: a login refused with `NO [LIMIT]`.
+    SessionsPerUser,
+    /// `timeouts.preauth`: not logged in in time (TLS handshake included).
+    PreauthTimeout,
+    /// `limits.max_preauth_line`.
+    PreauthLine,
+    /// `limits.max_preauth_literal`.
+    PreauthLiteral,
+    /// `limits.max_bad_commands`.
+    BadCommands,
+    /// `limits.max_auth_failures`.
+    AuthFailures,
+    /// `limits.max_command_line`, after login.
+    CommandLine,
+    /// `limits.max_literal`, after login.
+    Literal,
+    /// `limits.max_backend_line`.
+    BackendLine,
+}
+
+impl Limit {
+    const ALL: [Limit; 11] = [
+        Limit::Connections,
+        Limit::ConnectionsPerIp,
+        Limit::SessionsPerUser,
+        Limit::PreauthTimeout,
+        Limit::PreauthLine,
+        Limit::PreauthLiteral,
+        Limit::BadCommands,
+        Limit::AuthFailures,
+        Limit::CommandLine,
+        Limit::Literal,
+        Limit::BackendLine,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Limit::Connections => "connections",
+            Limit::ConnectionsPerIp => "connections_per_ip",
+            Limit::SessionsPerUser => "sessions_per_user",
+            Limit::PreauthTimeout => "preauth_timeout",
+            Limit::PreauthLine => "preauth_line",
+            Limit::PreauthLiteral => "preauth_literal",
+            Limit::BadCommands => "bad_commands",
+            Limit::AuthFailures => "auth_failures",
+            Limit::CommandLine => "command_line",
+            Limit::Literal => "literal",
+            Limit::BackendLine => "backend_line",
+        }
+    }
+}
+
+/// `imapgw_limits_exceeded_total`, one counter per limit, resolved once.
+pub struct LimitCounters {
+    counters: Vec<IntCounter>,
+}
+
+impl LimitCounters {
+    pub fn hit(&self, limit: Limit) {
+        if let Some(c) = self.counters.get(limit as usize) {
+            c.inc();
+        }
+    }
+
+    pub fn get(&self, limit: Limit) -> u64 {
+        self.counters.get(limit as usize).map_or(0, IntCounter::get)
     }
 }
 
@@ -196,6 +278,13 @@ pub struct Metrics {
     pub admin_requests: IntCounterVec,
     pub draining: IntGauge,
     pub build_info: IntGaugeVec,
+    pub limits: LimitCounters,
+    /// Connections open now, all listeners together (what `limits.max_connections` counts).
+    pub connections_open: IntGauge,
+    /// Login attempts delayed by the auth penalty.
+    pub auth_penalty_delays: IntCounter,
+    /// Client addresses the auth penalty remembers now.
+    pub auth_penalty_entries: IntGauge,
 }
 
 fn name(n: &str) -> String {
@@ -307,7 +396,40 @@ impl Metrics {
             "From the client's LOGIN or AUTHENTICATE to the gateway's answer, by result.",
             &["result"],
         )?;
+        let limits = counter_vec(
+            r,
+            "limits_exceeded_total",
+            "Connections, logins and sessions refused or ended because a limit was reached, by \
+             limit (connections, connections_per_ip, sessions_per_user, preauth_timeout, \
+             preauth_line, preauth_literal, bad_commands, auth_failures, command_line, literal, \
+             backend_line).",
+            &["limit"],
+        )?;
+        let limits = LimitCounters {
+            counters: Limit::ALL
+                .iter()
+                .map(|l| limits.with_label_values(&[l.label()]))
+                .collect(),
+        };
         let m = Self {
+            limits,
+            connections_open: gauge(
+                r,
+                "connections_open",
+                "Client connections open now, all listeners together (the count \
+                 limits.max_connections applies to).",
+            )?,
+            auth_penalty_delays: counter(
+                r,
+                "auth_penalty_delays_total",
+                "Login attempts delayed because of earlier failed logins from the same client \
+                 address.",
+            )?,
+            auth_penalty_entries: gauge(
+                r,
+                "auth_penalty_table_entries",
+                "Client addresses the auth penalty remembers failed logins of now.",
+            )?,
             connections_accepted: counter_vec(
                 r,
                 "connections_accepted_total",

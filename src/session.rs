@@ -13,13 +13,17 @@ use zeroize::Zeroizing;
 
 use crate::backend::passdb::PassDb;
 use crate::backend::{self, BackendCredentials, BackendError, ClientInfo};
+use crate::config::cidr::CidrError;
 use crate::config::{BackendAuthMode, Config};
-use crate::metrics::{Metrics, SessionEnd};
+use crate::limits::penalty::{AuthPenalty, PenaltyConfig};
+use crate::limits::{ConnLimiter, UserLimiter, UserSlot};
+use crate::metrics::{Limit, Metrics, SessionEnd};
 use crate::net::ActiveGuard;
-use crate::preauth::{ListenerCtx, LoginAttempt, Preauth};
+use crate::preauth::{ListenerCtx, LoginAttempt, Preauth, PreauthEnd};
 use crate::proto::capability;
+use crate::proto::framer::FrameError;
 use crate::proto::response::status;
-use crate::relay::{self, RelayContext, RelayOptions, murder};
+use crate::relay::{self, RelayContext, RelayEnd, RelayError, RelayOptions, murder};
 use crate::route::{Backend, Route, Routes};
 use crate::shutdown::{Lifecycle, SessionGuard};
 use crate::stream::Stream;
@@ -37,6 +41,12 @@ pub struct Shared {
     pub lifecycle: Arc<Lifecycle>,
     /// Bearer token for the admin endpoints.
     pub admin_token: Option<Zeroizing<String>>,
+    /// Client connections, in all and per client address.
+    pub connections: Arc<ConnLimiter>,
+    /// Logged-in sessions per user.
+    pub users: Arc<UserLimiter>,
+    /// Delays for addresses that failed to log in.
+    pub penalty: AuthPenalty,
     next_session: AtomicU64,
     /// Distinguishes this process's session ids from other replicas'.
     nonce: u32,
@@ -51,11 +61,33 @@ impl Shared {
         admin_token: Option<String>,
         registry: Registry,
         metrics: Metrics,
-    ) -> Self {
+    ) -> Result<Self, CidrError> {
         let nonce = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos() ^ (d.as_secs() as u32));
-        Self {
+        let l = &config.limits;
+        let exempt = l.exempt_networks()?;
+        let connections = ConnLimiter::new(
+            l.max_connections,
+            l.max_connections_per_ip,
+            exempt.clone(),
+            metrics.connections_open.clone(),
+        );
+        let users = UserLimiter::new(l.max_sessions_per_user);
+        let penalty = AuthPenalty::new(
+            PenaltyConfig {
+                base: l.auth_penalty_base,
+                max: l.auth_penalty_max,
+                expiry: l.auth_penalty_expiry,
+                capacity: l.auth_penalty_table_size,
+                exempt,
+            },
+            metrics.auth_penalty_entries.clone(),
+        );
+        Ok(Self {
+            connections,
+            users,
+            penalty,
             config,
             routes,
             passdb,
@@ -66,7 +98,7 @@ impl Shared {
             admin_token: admin_token.map(Zeroizing::new),
             next_session: AtomicU64::new(1),
             nonce: nonce ^ std::process::id(),
-        }
+        })
     }
 
     fn session_id(&self) -> String {
@@ -156,6 +188,7 @@ async fn relay(open: Open, shared: &Shared) -> SessionEnd {
         route,
         credentials,
         active: _active,
+        user_slot: _user_slot,
         registration,
     } = open;
     let stop = registration.stop();
@@ -167,6 +200,7 @@ async fn relay(open: Open, shared: &Shared) -> SessionEnd {
         backend_logout: shared.config.timeouts.backend_logout,
         rewrite_referrals: !capability::has(&backend.capabilities, "MAILBOX-REFERRALS"),
         splice: shared.config.performance.splice,
+        autologout: shared.config.timeouts.autologout(),
     };
     let ctx = RelayContext {
         stop: stop.clone(),
@@ -199,10 +233,22 @@ async fn relay(open: Open, shared: &Shared) -> SessionEnd {
         .await
     };
     // A session that finds no safe point in time is dropped, sockets and all.
-    tokio::select! {
-        end = relay => SessionEnd::from(&end),
-        _ = stop.forced() => SessionEnd::Forced,
+    let end = tokio::select! {
+        end = relay => end,
+        _ = stop.forced() => return SessionEnd::Forced,
+    };
+    let limit = match &end {
+        RelayEnd::Error(RelayError::ClientFrame(FrameError::LiteralTooLarge { .. })) => {
+            Some(Limit::Literal)
+        }
+        RelayEnd::Error(RelayError::ClientFrame(_)) => Some(Limit::CommandLine),
+        RelayEnd::Error(RelayError::BackendFrame(_)) => Some(Limit::BackendLine),
+        _ => None,
+    };
+    if let Some(limit) = limit {
+        shared.metrics.limits.hit(limit);
     }
+    SessionEnd::from(&end)
 }
 
 /// A logged-in session, ready to relay.
@@ -214,6 +260,8 @@ struct Open {
     /// For logging in to mounted backends later; only for a route with mounts.
     credentials: Option<MountConnector>,
     active: ActiveGuard,
+    /// The session's place under `limits.max_sessions_per_user`.
+    user_slot: UserSlot,
     /// The session's entry in the registry, and its stop signal.
     registration: SessionGuard,
 }
@@ -236,26 +284,68 @@ async fn open(
         deadline,
         stop,
     );
-    if preauth.greet().await.is_err() {
+    let ended = |end: PreauthEnd| {
+        if let Some(limit) = end.limit() {
+            shared.metrics.limits.hit(limit);
+        }
+        debug!(reason = end.label(), "ended before login");
+    };
+    if let Err(end) = preauth.greet().await {
+        ended(end);
         return None;
     }
-    let (attempt, route, session) = loop {
+    let ip = client.peer.ip();
+    let (attempt, route, session, user_slot) = loop {
         let attempt = match preauth.next_login().await {
             Ok(a) => a,
             Err(end) => {
-                debug!(reason = end.label(), "ended before login");
+                ended(end);
                 return None;
             }
         };
+        // Only this task waits: other clients, and the address's other connections, are not
+        // held up by it. Within the pre-auth deadline, which the delay does not extend.
+        let delay = shared.penalty.delay(ip, std::time::Instant::now());
+        if !delay.is_zero() {
+            shared.metrics.auth_penalty_delays.inc();
+            debug!(
+                delay_ms = delay.as_millis() as u64,
+                "login delayed after failed logins from the address"
+            );
+            let until = Instant::now().checked_add(delay).unwrap_or(deadline);
+            tokio::time::sleep_until(until.min(deadline)).await;
+        }
         // A kick for this user reaches the session from the login on.
         registration.set_user(&attempt.user);
         let started = std::time::Instant::now();
-        let result = login(&shared, &attempt, &client).await;
+        let result = match login(&shared, &attempt, &client).await {
+            Ok((route, session)) => match shared.users.acquire(&attempt.user) {
+                Ok(slot) => Ok((route, session, slot)),
+                Err(_) => {
+                    info!("too many sessions for the user: login refused");
+                    shared.metrics.limits.hit(Limit::SessionsPerUser);
+                    let wait = shared.config.timeouts.backend_logout;
+                    backend::logout(session, wait).await;
+                    Err(LoginFailure::Limit)
+                }
+            },
+            Err(failure) => Err(failure),
+        };
         let outcome = match &result {
             Ok(_) => "ok",
             Err(LoginFailure::BadCredentials) => "bad_credentials",
             Err(LoginFailure::Unavailable) => "unavailable",
+            Err(LoginFailure::Limit) => "limit",
         };
+        // A backend that is down says nothing about the password; a refusal for the user's
+        // session count came with a good one.
+        match &result {
+            Ok(_) | Err(LoginFailure::Limit) => shared.penalty.succeeded(ip),
+            Err(LoginFailure::BadCredentials) => {
+                shared.penalty.failed(ip, std::time::Instant::now())
+            }
+            Err(LoginFailure::Unavailable) => {}
+        }
         let m = &shared.metrics;
         m.logins
             .with_label_values(&[attempt.mechanism, outcome])
@@ -264,7 +354,7 @@ async fn open(
             .with_label_values(&[outcome])
             .observe(started.elapsed().as_secs_f64());
         match result {
-            Ok((route, session)) => break (attempt, route, session),
+            Ok((route, session, slot)) => break (attempt, route, session, slot),
             Err(failure) => {
                 let (code, text) = match failure {
                     LoginFailure::BadCredentials => {
@@ -274,9 +364,10 @@ async fn open(
                         "UNAVAILABLE",
                         "Mail server temporarily unavailable, try again later.",
                     ),
+                    LoginFailure::Limit => ("LIMIT", "Too many sessions for this user."),
                 };
                 if let Err(end) = preauth.reject_login(&attempt.tag, code, text).await {
-                    debug!(reason = end.label(), "ended before login");
+                    ended(end);
                     return None;
                 }
             }
@@ -333,6 +424,7 @@ async fn open(
         route,
         credentials,
         active,
+        user_slot,
         registration,
     })
 }
@@ -340,6 +432,8 @@ async fn open(
 enum LoginFailure {
     BadCredentials,
     Unavailable,
+    /// Logged in, but the user has `limits.max_sessions_per_user` sessions already.
+    Limit,
 }
 
 /// Finds the user's route and logs in there. Bad credentials and backend trouble are told

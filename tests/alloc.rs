@@ -78,6 +78,7 @@ async fn no_allocation_per_relayed_chunk() {
         backend_logout: Duration::from_secs(1),
         rewrite_referrals: true,
         splice: true,
+        autologout: imap_gateway::config::MIN_AUTOLOGOUT,
     };
     // Metrics and the stop signal are on the hot path too: counting must not allocate.
     let metrics = Metrics::new(&prometheus::Registry::new()).unwrap();

@@ -97,6 +97,21 @@ pub struct Timeouts {
     pub login: Duration,
 }
 
+/// Logs out of a session the gateway will not use after all (the user is over a limit):
+/// LOGOUT, then up to `wait` for the backend to close, so it ends the session cleanly.
+pub async fn logout(session: BackendSession, wait: Duration) {
+    use tokio::io::AsyncReadExt;
+    let mut stream = session.stream;
+    let _ = tokio::time::timeout(wait, async {
+        if stream.write_all(b"gwlimit LOGOUT\r\n").await.is_ok() {
+            let mut sink = [0u8; 1024];
+            while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+        }
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
 /// Connects to `backend` and logs in. The whole dialogue is bounded by the timeouts.
 pub async fn login(
     backend: &Backend,

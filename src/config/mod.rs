@@ -144,6 +144,42 @@ pub struct Limits {
     pub max_literal: u64,
     /// Longest response line (excluding literals) accepted from a backend.
     pub max_backend_line: usize,
+    /// Client connections open at once, gateway-wide (every listener, logged in or not);
+    /// `0`: no limit. Beyond it a connection is told BYE and closed before its greeting.
+    pub max_connections: usize,
+    /// Client connections open at once from one client address (IPv6: one /64); `0`: no
+    /// limit. Behind a PROXY-protocol load balancer the address is the header's.
+    pub max_connections_per_ip: usize,
+    /// Logged-in sessions open at once for one user; `0`: no limit. A login beyond it is
+    /// refused with `NO [LIMIT]`.
+    pub max_sessions_per_user: usize,
+    /// Client networks (CIDR, or bare addresses) exempt from `max_connections_per_ip` and from
+    /// the auth penalty: webmail servers, monitoring, a NAT shared by many users. Kept as
+    /// text so a bad entry is reported by `problems` next to every other problem.
+    pub exempt_networks: Vec<String>,
+    /// Failed logins from one client address delay its next login attempts: this long after
+    /// the first failure, doubling with each further one up to `auth_penalty_max`. `"0s"`
+    /// turns the penalty off.
+    #[serde(with = "humantime_serde")]
+    pub auth_penalty_base: Duration,
+    #[serde(with = "humantime_serde")]
+    pub auth_penalty_max: Duration,
+    /// An address with no failed login for this long is forgotten.
+    #[serde(with = "humantime_serde")]
+    pub auth_penalty_expiry: Duration,
+    /// Client addresses the penalty remembers at most; when full, the one that failed least
+    /// recently is forgotten first. Bounds memory under a distributed attack.
+    pub auth_penalty_table_size: usize,
+}
+
+impl Limits {
+    /// The parsed `exempt_networks`, or the first entry that does not parse.
+    pub fn exempt_networks(&self) -> Result<Vec<Cidr>, cidr::CidrError> {
+        self.exempt_networks
+            .iter()
+            .map(|n| n.trim().parse())
+            .collect()
+    }
 }
 
 impl Default for Limits {
@@ -156,9 +192,31 @@ impl Default for Limits {
             max_command_line: 64 * 1024,
             max_literal: 1 << 30,
             max_backend_line: 16 * 1024 * 1024,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
+            max_sessions_per_user: DEFAULT_MAX_SESSIONS_PER_USER,
+            exempt_networks: Vec::new(),
+            auth_penalty_base: Duration::from_secs(1),
+            auth_penalty_max: Duration::from_secs(15),
+            auth_penalty_expiry: Duration::from_secs(15 * 60),
+            auth_penalty_table_size: 100_000,
         }
     }
 }
+
+/// Each connection costs the gateway one file descriptor and a backend one more, plus a few
+/// tens of KiB of buffers: 20,000 fits the common `nofile` limit of 65,536 with room for the
+/// backend side, and a replica far beyond that should be scaled out instead.
+const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
+/// Households, offices and carrier-grade NATs put many users behind one address; a mail
+/// client opens up to ~5 connections per account. 100 leaves room for ~20 such clients
+/// while stopping one host from taking the gateway's connections.
+const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 100;
+/// A user's devices (phone, laptop, desktop, webmail), each with a few connections, stay
+/// well below this; more is a runaway client or shared credentials.
+const DEFAULT_MAX_SESSIONS_PER_USER: usize = 50;
+/// RFC 3501 section 5.4: an inactivity autologout timer must be at least 30 minutes.
+pub const MIN_AUTOLOGOUT: Duration = Duration::from_secs(30 * 60);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -178,6 +236,21 @@ pub struct Timeouts {
     /// After SIGTERM, how long open sessions may go on before the process exits anyway.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// A logged-in client that sends nothing for this long (an IDLE included) is logged
+    /// out. At least [`MIN_AUTOLOGOUT`] (RFC 3501).
+    #[serde(with = "humantime_serde")]
+    pub autologout: Duration,
+    /// Tests only: used instead of `autologout`, without the RFC 3501 minimum, so a test can
+    /// see an autologout in a second. serde skips it: a file or the environment cannot set it.
+    #[serde(skip)]
+    pub autologout_unchecked: Option<Duration>,
+}
+
+impl Timeouts {
+    /// The autologout timer in effect.
+    pub fn autologout(&self) -> Duration {
+        self.autologout_unchecked.unwrap_or(self.autologout)
+    }
 }
 
 impl Default for Timeouts {
@@ -188,6 +261,8 @@ impl Default for Timeouts {
             backend_login: Duration::from_secs(15),
             backend_logout: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(30),
+            autologout: MIN_AUTOLOGOUT,
+            autologout_unchecked: None,
         }
     }
 }
@@ -439,6 +514,25 @@ impl Config {
         if l.max_backend_line < 1024 {
             out.push("limits.max_backend_line must be at least 1024".into());
         }
+        for network in &l.exempt_networks {
+            if let Err(e) = network.trim().parse::<Cidr>() {
+                out.push(format!("limits.exempt_networks: {e}"));
+            }
+        }
+        if l.auth_penalty_max < l.auth_penalty_base {
+            out.push("limits.auth_penalty_max must be at least auth_penalty_base".into());
+        }
+        if !l.auth_penalty_base.is_zero() && l.auth_penalty_table_size == 0 {
+            out.push("limits.auth_penalty_table_size must be greater than zero".into());
+        }
+        // Refused rather than clamped: a value below the minimum is a mistake to fix, and
+        // a gateway silently doing something else than configured is worse.
+        if self.timeouts.autologout < MIN_AUTOLOGOUT {
+            out.push(format!(
+                "timeouts.autologout must be at least {} (RFC 3501 section 5.4)",
+                humantime::format_duration(MIN_AUTOLOGOUT)
+            ));
+        }
         for (name, d) in [
             ("timeouts.preauth", self.timeouts.preauth),
             ("timeouts.backend_connect", self.timeouts.backend_connect),
@@ -576,7 +670,21 @@ mod tests {
         });
         c.timeouts.preauth = Duration::ZERO;
         c.backend_auth.mode = BackendAuthMode::Master;
+        c.timeouts.autologout = Duration::from_secs(29 * 60);
+        c.limits.exempt_networks = vec!["10.0.0.0/8".into(), "10.0.0.1/8".into()];
+        c.limits.auth_penalty_max = Duration::from_millis(500);
         let p = c.problems();
+        assert!(
+            p.iter()
+                .any(|m| m.contains("timeouts.autologout must be at least 30m")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|m| m.contains("limits.exempt_networks: \"10.0.0.1/8\" has host bits")),
+            "{p:?}"
+        );
+        assert!(p.iter().any(|m| m.contains("auth_penalty_max")), "{p:?}");
         assert!(
             p.iter().any(|m| m.contains("duplicate listener name")),
             "{p:?}"
@@ -586,6 +694,24 @@ mod tests {
         assert!(p.iter().any(|m| m.contains("timeouts.preauth")), "{p:?}");
         assert!(p.iter().any(|m| m.contains("needs master_user")), "{p:?}");
         assert!(p.iter().any(|m| m.contains("needs passdb")), "{p:?}");
+    }
+
+    #[test]
+    fn autologout_minimum_and_the_test_only_override() {
+        let mut c = Config::default();
+        assert_eq!(c.timeouts.autologout(), MIN_AUTOLOGOUT);
+        c.timeouts.autologout = MIN_AUTOLOGOUT;
+        assert!(c.problems().iter().all(|m| !m.contains("autologout")));
+        // The override is not checked, and cannot come from a file or the environment.
+        c.timeouts.autologout_unchecked = Some(Duration::from_secs(1));
+        assert_eq!(c.timeouts.autologout(), Duration::from_secs(1));
+        assert!(c.problems().iter().all(|m| !m.contains("autologout")));
+        let text = toml::to_string(&c).unwrap();
+        assert!(!text.contains("autologout_unchecked"), "{text}");
+        assert!(
+            toml::from_str::<Config>("[timeouts]\nautologout_unchecked = \"1s\"\n").is_err(),
+            "not a key of the file"
+        );
     }
 
     #[test]

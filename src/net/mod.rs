@@ -3,6 +3,10 @@
 //! deadline, so a slow handshake never stalls the accept loop) and hands it to a session.
 //! On a `proxy_protocol` listener the PROXY header is read first, in the same task, and its
 //! client address is the one the session knows (`proxy`).
+//!
+//! The connection limits are applied here: gateway-wide and (on a plain listener) per client
+//! address in the accept loop, before a task exists; per address after the PROXY header on a
+//! `proxy_protocol` listener. The connection's place ([`ConnSlot`]) lives in its task.
 
 pub mod proxy;
 
@@ -10,6 +14,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use thiserror::Error;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -17,7 +22,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::config::{ListenerConfig, ListenerMode};
-use crate::metrics::{Metrics, TlsResult};
+use crate::limits::{ConnSlot, LimitError};
+use crate::metrics::{Limit, Metrics, TlsResult};
 use crate::net::proxy::ProxyPolicy;
 use crate::preauth::ListenerCtx;
 use crate::proto::proxy::ProxyError;
@@ -85,13 +91,11 @@ impl Listener {
         } else {
             None
         };
-        let socket = TcpListener::bind(config.address)
-            .await
-            .map_err(|source| NetError::Bind {
-                name: config.name.clone(),
-                address: config.address,
-                source,
-            })?;
+        let socket = listen(config.address).map_err(|source| NetError::Bind {
+            name: config.name.clone(),
+            address: config.address,
+            source,
+        })?;
         Ok(Self {
             ctx: Arc::new(ListenerCtx {
                 name: config.name.clone(),
@@ -155,6 +159,25 @@ impl Listener {
                     continue;
                 }
             }
+            // Refused here, before a task is spawned: past the limit, a connection costs no
+            // more than its accept.
+            let mut slot = match shared.connections.acquire() {
+                Ok(slot) => slot,
+                Err(e) => {
+                    refuse_at_once(&tcp, self.implicit_tls, e, &shared.metrics);
+                    debug!(listener = %self.ctx.name, %peer, "too many connections: closed");
+                    continue;
+                }
+            };
+            // Behind a PROXY-protocol load balancer the client's address comes with the
+            // header, in the connection's task.
+            if self.proxy.is_none()
+                && let Err(e) = slot.claim_ip(peer.ip())
+            {
+                refuse_at_once(&tcp, self.implicit_tls, e, &shared.metrics);
+                debug!(listener = %self.ctx.name, %peer, "too many connections from the address: closed");
+                continue;
+            }
             let active = ActiveGuard::new(counters.active.clone());
             let local = tcp.local_addr().unwrap_or(peer);
             let started = Instant::now();
@@ -174,6 +197,7 @@ impl Listener {
                 proxy: self.proxy.is_some(),
                 registration,
                 active,
+                slot,
             };
             tracker.spawn(conn.run());
         }
@@ -193,6 +217,7 @@ struct Connection {
     proxy: bool,
     registration: crate::shutdown::SessionGuard,
     active: ActiveGuard,
+    slot: ConnSlot,
 }
 
 /// A connection with its PROXY header read and its TLS handshake done.
@@ -204,6 +229,8 @@ struct Accepted {
     deadline: Instant,
     registration: crate::shutdown::SessionGuard,
     active: ActiveGuard,
+    /// The connection's place under the connection limits, held until its task ends.
+    slot: ConnSlot,
 }
 
 impl Connection {
@@ -227,6 +254,7 @@ impl Connection {
                 return;
             };
             let _active = a.active;
+            let _slot = a.slot;
             session::run(
                 a.shared,
                 a.ctx,
@@ -252,6 +280,7 @@ impl Connection {
             proxy,
             registration,
             active,
+            mut slot,
         } = self;
         let counters = &ctx.metrics;
         let (client, local) = if proxy {
@@ -275,6 +304,15 @@ impl Connection {
         // The load balancer's address, logged next to the client's it spoke for.
         let via = (proxy && client != peer).then_some(peer);
         let peer = client;
+        if proxy && let Err(e) = slot.claim_ip(peer.ip()) {
+            shared.metrics.limits.hit(Limit::ConnectionsPerIp);
+            debug!(%peer, "too many connections from the address: closed");
+            if !implicit_tls {
+                let _ = tokio::time::timeout(REFUSAL_WRITE, tcp.write_all(e.bye())).await;
+                let _ = tokio::time::timeout(REFUSAL_WRITE, tcp.shutdown()).await;
+            }
+            return None;
+        }
         let stream = if implicit_tls {
             let acceptor = ctx.tls.clone()?;
             match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
@@ -289,6 +327,7 @@ impl Connection {
                 }
                 Err(_) => {
                     counters.tls(false, TlsResult::Timeout);
+                    shared.metrics.limits.hit(Limit::PreauthTimeout);
                     debug!(%peer, "TLS handshake timed out");
                     return None;
                 }
@@ -304,7 +343,44 @@ impl Connection {
             deadline,
             registration,
             active,
+            slot,
         })
+    }
+}
+
+/// Connections the kernel queues for the accept loop. `TcpListener::bind` asks for 128: a
+/// burst beyond that (clients reconnecting after a replica restarts, thousands of them)
+/// loses SYNs, each retried by the client only after a second or more. The kernel caps it
+/// at `net.core.somaxconn` (4096 on current Linux).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds and listens on `address` with [`LISTEN_BACKLOG`].
+fn listen(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does: a restarted gateway binds again at once, without waiting
+    // out the old connections' TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// How long a refused connection may take to be told so.
+const REFUSAL_WRITE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Refuses a connection from the accept loop, which must never wait on a client: the BYE is
+/// written only if the socket takes it at once (a new socket's buffer is empty, so it does).
+/// A TLS client cannot read a cleartext BYE: it is closed without a word.
+fn refuse_at_once(tcp: &tokio::net::TcpStream, implicit_tls: bool, e: LimitError, m: &Metrics) {
+    m.limits.hit(match e {
+        LimitError::ConnectionsPerIp => Limit::ConnectionsPerIp,
+        _ => Limit::Connections,
+    });
+    if !implicit_tls {
+        let _ = tcp.try_write(e.bye());
     }
 }
 

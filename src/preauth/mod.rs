@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 use crate::config::Limits;
-use crate::metrics::{ListenerCounters, TlsResult};
+use crate::metrics::{Limit, ListenerCounters, TlsResult};
 use crate::proto::capability;
 use crate::proto::command::{DecodeFailure, Mechanism, PreauthCommand, decode_preauth};
 use crate::proto::framer::FrameError;
@@ -55,13 +55,29 @@ pub enum PreauthEnd {
     Timeout,
     TooManyBadCommands,
     TooManyAuthFailures,
-    TooBig,
+    /// A command line over `max_preauth_line` (`literal: false`) or a literal over
+    /// `max_preauth_literal`.
+    TooBig {
+        literal: bool,
+    },
     TlsFailed,
     /// The gateway is shutting down, or the administrator ended the session: BYE.
     Shutdown,
 }
 
 impl PreauthEnd {
+    /// The limit that ended the dialogue, if one did.
+    pub fn limit(&self) -> Option<Limit> {
+        match self {
+            PreauthEnd::Timeout => Some(Limit::PreauthTimeout),
+            PreauthEnd::TooManyBadCommands => Some(Limit::BadCommands),
+            PreauthEnd::TooManyAuthFailures => Some(Limit::AuthFailures),
+            PreauthEnd::TooBig { literal: false } => Some(Limit::PreauthLine),
+            PreauthEnd::TooBig { literal: true } => Some(Limit::PreauthLiteral),
+            _ => None,
+        }
+    }
+
     pub fn label(&self) -> &'static str {
         match self {
             PreauthEnd::Logout => "logout",
@@ -69,7 +85,7 @@ impl PreauthEnd {
             PreauthEnd::Timeout => "timeout",
             PreauthEnd::TooManyBadCommands => "bad_commands",
             PreauthEnd::TooManyAuthFailures => "auth_failures",
-            PreauthEnd::TooBig => "too_big",
+            PreauthEnd::TooBig { .. } => "too_big",
             PreauthEnd::TlsFailed => "tls_failed",
             PreauthEnd::Shutdown => "shutdown",
         }
@@ -227,10 +243,12 @@ impl Preauth {
                         FrameError::LiteralTooLarge { .. } => "Literal too large.",
                         FrameError::MessageTooLong { .. } => "Command too long.",
                     };
-                    if let (Some(tag), FrameError::LiteralTooLarge { .. }) = (tag, &e) {
+                    let literal = matches!(e, FrameError::LiteralTooLarge { .. });
+                    if let (Some(tag), true) = (tag, literal) {
                         let _ = self.send(&status(&tag, "BAD", Some("TOOBIG"), text)).await;
                     }
-                    return Err(self.bye(Some("TOOBIG"), text, PreauthEnd::TooBig).await);
+                    let end = PreauthEnd::TooBig { literal };
+                    return Err(self.bye(Some("TOOBIG"), text, end).await);
                 }
                 Ok(Err(ReadError::Closed | ReadError::Io(_))) => return Err(PreauthEnd::Closed),
             }
@@ -430,7 +448,11 @@ impl Preauth {
                 .await),
             Ok(Ok(len)) => Ok(Zeroizing::new(self.buf.take(len))),
             Ok(Err(ReadError::Frame(_))) => Err(self
-                .bye(Some("TOOBIG"), "Line too long.", PreauthEnd::TooBig)
+                .bye(
+                    Some("TOOBIG"),
+                    "Line too long.",
+                    PreauthEnd::TooBig { literal: false },
+                )
                 .await),
             Ok(Err(_)) => Err(PreauthEnd::Closed),
         }

@@ -14,7 +14,7 @@ mod splice;
 pub use self::splice::pooled_pipes;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -55,7 +55,21 @@ pub struct RelayOptions {
     pub rewrite_referrals: bool,
     /// Move large literals with splice(2) when both legs are plain TCP.
     pub splice: bool,
+    /// The client is logged out after this long without sending a byte (see
+    /// [`AUTOLOGOUT_BYE`]).
+    pub autologout: Duration,
 }
+
+/// What a client gets when the gateway logs it out for inactivity (RFC 3501 section 5.4).
+///
+/// The rule, the same for both relays: the timer runs from the last bytes the client sent,
+/// so any command resets it, and an IDLE resets it when it starts (it is a command) but not
+/// while it lasts: RFC 2177 has clients re-issue IDLE within 29 minutes, so an IDLE held past
+/// the timer without DONE ends the session too. On expiry the session ends at its next safe
+/// point, like a shutdown: a response in progress is finished first, an IDLE is ended with
+/// DONE, and the backend is logged out. A client that stopped in the middle of a command
+/// (a partial line, an unfinished literal) has no safe point: it is closed at once.
+pub const AUTOLOGOUT_BYE: &[u8] = b"* BYE [UNAVAILABLE] Autologout; idle for too long\r\n";
 
 /// How a relayed session ended.
 #[derive(Debug)]
@@ -70,6 +84,8 @@ pub enum RelayEnd {
     Error(RelayError),
     /// The session was asked to stop (shutdown or kick) and ended at a safe point with BYE.
     Stopped(StopReason),
+    /// The client sent nothing for `autologout`; it was told BYE and the backend logged out.
+    Autologout,
 }
 
 /// What a relay needs from the rest of the gateway besides its streams.
@@ -96,8 +112,11 @@ struct Progress {
     idle: AtomicBool,
     /// The client sent LOGOUT.
     logout: AtomicBool,
-    /// The client-to-backend side stopped at a command boundary because a stop was asked.
+    /// The client-to-backend side stopped at a command boundary because a stop was asked, or
+    /// the autologout timer ran out.
     parked: AtomicBool,
+    /// The client-to-backend side parked for the autologout timer, not for a stop.
+    autologout: AtomicBool,
     parked_notify: Notify,
     /// Answers of the gateway's own, queued by the client-to-backend side for the other side
     /// to write between two responses. Unlike a channel, it costs no allocation until used.
@@ -204,9 +223,19 @@ pub async fn run(
                 let _ = backend_w.write_all(b"DONE\r\n").await;
             }
             logout_backend(&mut backend_r, &mut backend_w, true, opts.backend_logout).await;
+            if progress.autologout.load(Ordering::Acquire) {
+                close_client(&mut client_w, Some(AUTOLOGOUT_BYE)).await;
+                return RelayEnd::Autologout;
+            }
             let reason = ctx.stop.reason();
             close_client(&mut client_w, Some(reason.bye())).await;
             RelayEnd::Stopped(reason)
+        }
+        Outcome::Up(UpEnd::Autologout) => {
+            // Mid-command: a LOGOUT now would be part of the client's command.
+            logout_backend(&mut backend_r, &mut backend_w, false, opts.backend_logout).await;
+            close_client(&mut client_w, Some(AUTOLOGOUT_BYE)).await;
+            RelayEnd::Autologout
         }
         Outcome::Up(UpEnd::ClientGone) | Outcome::Down(DownEnd::ClientGone) => {
             // A client that sent LOGOUT and closed before the backend did logged out: the
@@ -259,6 +288,61 @@ pub async fn run(
     }
 }
 
+/// When the client last sent something. Atomic rather than a `Cell` only because it is
+/// borrowed across awaits in a future that must be `Send`; one task uses it.
+struct Activity {
+    base: tokio::time::Instant,
+    /// Nanoseconds from `base`.
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            base: tokio::time::Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let since = self.base.elapsed().as_nanos();
+        self.last
+            .store(u64::try_from(since).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    fn get(&self) -> tokio::time::Instant {
+        after(
+            self.base,
+            Duration::from_nanos(self.last.load(Ordering::Relaxed)),
+        )
+    }
+}
+
+/// Resolves once `wait` has passed since `last` without `last` moving on. The timer is
+/// moved on lazily, when it fires, rather than at every read: a read only notes the time,
+/// which costs no timer-wheel update on the hot path.
+async fn idle_for(
+    mut timer: std::pin::Pin<&mut tokio::time::Sleep>,
+    last: &Activity,
+    wait: Duration,
+) {
+    loop {
+        timer.as_mut().await;
+        let due = after(last.get(), wait);
+        if tokio::time::Instant::now() >= due {
+            return;
+        }
+        timer.as_mut().reset(due);
+    }
+}
+
+/// `from + wait`, or a year from `from` when that is past what an `Instant` can hold (a
+/// configured autologout of "1000 years" means never, not a panic).
+pub(crate) fn after(from: tokio::time::Instant, wait: Duration) -> tokio::time::Instant {
+    const FAR: Duration = Duration::from_secs(365 * 24 * 3600);
+    from.checked_add(wait).unwrap_or_else(|| from + FAR)
+}
+
 const BACKEND_LOST: &[u8] = b"* BYE [UNAVAILABLE] Backend connection lost\r\n";
 
 /// Says a last word to the client (when there is one) and closes its sending side.
@@ -279,6 +363,8 @@ enum UpEnd {
     ClientGone,
     BackendGone,
     Frame(FrameError),
+    /// The autologout timer ran out in the middle of a command.
+    Autologout,
 }
 
 enum DownEnd {
@@ -333,6 +419,12 @@ async fn upstream(
     progress.at_boundary.store(filled == 0, Ordering::Release);
     // When set, the current message is swallowed and this answer is sent once it ends.
     let mut swallow: Option<Vec<u8>> = None;
+    // Shared with a spliced literal's transfer, which notes its progress from inside.
+    let last_read = Activity::new();
+    let mut autologout = std::pin::pin!(tokio::time::sleep_until(after(
+        last_read.get(),
+        opts.autologout
+    )));
     loop {
         if let Some(buf) = slot.as_deref_mut() {
             let mut pos = 0;
@@ -433,12 +525,19 @@ async fn upstream(
             // The rest of an APPEND literal: the gateway has nothing to see in it.
             slot = None;
             let counters = &ctx.counters;
-            match splice::transfer(from.as_ref(), to.as_ref(), left, |n| {
+            let transfer = splice::transfer(from.as_ref(), to.as_ref(), left, |n| {
                 counters.client_to_backend.inc_by(n as u64);
                 counters.spliced[0].inc_by(n as u64);
-            })
-            .await
-            {
+                last_read.touch();
+            });
+            // A literal that stops flowing is the client gone quiet mid-command.
+            let spliced = tokio::select! {
+                r = transfer => r,
+                _ = idle_for(autologout.as_mut(), &last_read, opts.autologout) => {
+                    return UpEnd::Autologout;
+                }
+            };
+            match spliced {
                 Ok(true) => {
                     framer.skip_literal(left);
                     continue;
@@ -459,7 +558,17 @@ async fn upstream(
                 // The other side ends the session once the backend has answered.
                 return std::future::pending().await;
             }
+            _ = idle_for(autologout.as_mut(), &last_read, opts.autologout) => {
+                if !stoppable {
+                    return UpEnd::Autologout;
+                }
+                progress.autologout.store(true, Ordering::Release);
+                progress.parked.store(true, Ordering::Release);
+                progress.parked_notify.notify_one();
+                return std::future::pending().await;
+            }
         };
+        last_read.touch();
         match read {
             Ok(0) | Err(_) => return UpEnd::ClientGone,
             Ok(n) => {
@@ -558,7 +667,8 @@ async fn downstream(
     // The loop below runs for the whole session: do not keep the login-time buffer alive.
     drop(ahead);
     let mut saw_bye = false;
-    // Set once a stop is asked; from then on every boundary is checked for a safe point.
+    // Set once a stop is asked or the other side parked for the autologout; from then on
+    // every boundary is checked for a safe point.
     let mut stopping = false;
     // The backend accepted the outstanding IDLE with `+`.
     let mut idling = false;
@@ -649,7 +759,10 @@ async fn downstream(
         tokio::select! {
             biased;
             _ = ctx.stop.requested(), if !stopping => stopping = true,
-            _ = progress.parked_notify.notified(), if stopping => {}
+            // The autologout parks the other side without a stop: that starts the stopping.
+            _ = progress.parked_notify.notified() => {
+                stopping |= progress.parked.load(Ordering::Acquire);
+            }
             // Written at the top of the loop.
             _ = progress.injected.notified(), if framer.at_message_start() => {}
             read = buf::read_into(backend, &mut slot, 0) => match read {
@@ -672,4 +785,19 @@ const BYE: &[u8] = b"* BYE";
 
 fn is_bye(head: &[u8]) -> bool {
     head.len() >= BYE.len() && head[..BYE.len()].eq_ignore_ascii_case(BYE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_huge_autologout_is_far_away_not_a_panic() {
+        let now = tokio::time::Instant::now();
+        assert_eq!(
+            after(now, Duration::from_secs(5)),
+            now + Duration::from_secs(5)
+        );
+        assert!(after(now, Duration::MAX) > now + Duration::from_secs(300 * 24 * 3600));
+    }
 }

@@ -5,9 +5,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use imap_gateway::Gateway;
-use imap_gateway::config::{AdminConfig, Config, ListenerConfig, ListenerMode};
+use imap_gateway::config::{AdminConfig, Config, Limits, ListenerConfig, ListenerMode};
 use imap_gateway::session::Shared;
 use tokio_util::sync::CancellationToken;
 
@@ -80,6 +81,12 @@ pub fn test_config(dir: &Path, routing: &str) -> Config {
             proxy_protocol: false,
             proxy_trusted_networks: Vec::new(),
         }],
+        // Tests log in with wrong passwords from 127.0.0.1 all the time: the auth penalty
+        // would only slow them down. The tests of the penalty turn it on.
+        limits: Limits {
+            auth_penalty_base: Duration::ZERO,
+            ..Limits::default()
+        },
         // Tests run side by side: the admin server takes a free port too.
         admin: AdminConfig {
             address: "127.0.0.1:0".parse().unwrap(),

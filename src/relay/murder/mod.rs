@@ -82,6 +82,8 @@ enum End {
     Client(RelayError),
     /// A stop (shutdown, kick) was asked and the session is at a safe point.
     Stopped,
+    /// The client sent nothing for `autologout` (see [`super::AUTOLOGOUT_BYE`]).
+    Autologout,
 }
 
 impl From<WireError> for End {
@@ -230,6 +232,12 @@ impl Murder<'_> {
                 let _ = self.client.stream.shutdown().await;
                 RelayEnd::BackendLost
             }
+            End::Autologout => {
+                self.logout_all().await;
+                let _ = self.client.write(super::AUTOLOGOUT_BYE).await;
+                let _ = self.client.stream.shutdown().await;
+                RelayEnd::Autologout
+            }
             End::Cut => {
                 self.logout_all().await;
                 let _ = self.client.stream.shutdown().await;
@@ -296,9 +304,14 @@ impl Murder<'_> {
             if let Err(end) = self.wait_for_command().await {
                 return end;
             }
-            let incoming = match self.reader.next(&mut self.client).await {
-                Ok(i) => i,
-                Err(e) => return e.into(),
+            // A command begun and not finished within the timer: the client is as idle as
+            // one that sends nothing (a large APPEND's literal is streamed later, not here).
+            let next =
+                tokio::time::timeout(self.opts.autologout, self.reader.next(&mut self.client));
+            let incoming = match next.await {
+                Ok(Ok(i)) => i,
+                Ok(Err(e)) => return e.into(),
+                Err(_) => return End::Autologout,
             };
             let step = match incoming {
                 Incoming::Whole { cmd, literals } => self.command(cmd, literals).await,
@@ -313,6 +326,8 @@ impl Murder<'_> {
     /// Waits for the client's next command, passing on the selected mailbox's unsolicited
     /// updates (EXISTS, EXPUNGE, ...) in the meantime.
     async fn wait_for_command(&mut self) -> Step {
+        // The previous command is answered: the client's silence counts from here.
+        let due = super::after(tokio::time::Instant::now(), self.opts.autologout);
         while self.client.buffered().is_empty() {
             let watched = self.selected.unwrap_or(0);
             let Murder {
@@ -322,11 +337,13 @@ impl Murder<'_> {
                 tokio::select! {
                     r = client.fill(READ) => r?,
                     _ = ctx.stop.requested() => return Err(End::Stopped),
+                    _ = tokio::time::sleep_until(due) => return Err(End::Autologout),
                 }
                 continue;
             };
             tokio::select! {
                 _ = ctx.stop.requested() => return Err(End::Stopped),
+                _ = tokio::time::sleep_until(due) => return Err(End::Autologout),
                 r = client.fill(READ) => r?,
                 r = conn.wire.fill(READ) => {
                     if r.is_err() {
@@ -676,6 +693,9 @@ impl Murder<'_> {
         if conn.wire.write(cmd).await.is_err() {
             return self.lost(i, tag).await;
         }
+        // The IDLE resets the autologout timer, and so do any bytes from the client; an IDLE
+        // held past it without DONE ends the session (RFC 2177 has clients re-issue it).
+        let mut due = super::after(tokio::time::Instant::now(), self.opts.autologout);
         // Until the client says DONE, pass on whatever the backend sends.
         loop {
             if let Some(pos) = memchr::memchr(b'\n', self.client.buffered()) {
@@ -738,11 +758,21 @@ impl Murder<'_> {
                 return self.unavailable(tag).await;
             };
             tokio::select! {
-                r = client.fill(READ) => r?,
+                r = client.fill(READ) => {
+                    r?;
+                    due = super::after(tokio::time::Instant::now(), self.opts.autologout);
+                }
                 r = conn.wire.fill(READ) => {
                     if r.is_err() {
                         return self.lost(i, tag).await;
                     }
+                }
+                _ = tokio::time::sleep_until(due) => {
+                    // As for a stop: DONE first, so the backend takes the LOGOUT.
+                    if conn.wire.write(b"DONE\r\n").await.is_err() {
+                        self.conn_failed(i)?;
+                    }
+                    return Err(End::Autologout);
                 }
                 _ = ctx.stop.requested() => {
                     // Ends the IDLE so the backend takes the LOGOUT that follows as a
