@@ -13,7 +13,12 @@ mod framer_events;
 use libfuzzer_sys::fuzz_target;
 
 /// Limits the fuzzer can reach with short inputs, and the gateway's real ones.
-const LIMITS: [(usize, u64); 4] = [(16, 8), (64, 300), (8 * 1024, 8 * 1024), (64 * 1024, 1 << 30)];
+const LIMITS: [(usize, u64); 4] = [
+    (16, 8),
+    (64, 300),
+    (8 * 1024, 8 * 1024),
+    (64 * 1024, 1 << 30),
+];
 
 fuzz_target!(|data: &[u8]| {
     let [limits, ncuts, rest @ ..] = data else {

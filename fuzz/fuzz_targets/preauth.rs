@@ -135,11 +135,10 @@ fuzz_target!(|data: &[u8]| {
             let _ = client_rx.read_to_end(&mut out).await;
             out
         };
-        let ((), (), out) = tokio::time::timeout(HUNG, async {
-            tokio::join!(gateway, writer, reader)
-        })
-        .await
-        .expect("the pre-auth dialogue did not end");
+        let ((), (), out) =
+            tokio::time::timeout(HUNG, async { tokio::join!(gateway, writer, reader) })
+                .await
+                .expect("the pre-auth dialogue did not end");
         out
     });
     assert!(out.starts_with(b"* OK [CAPABILITY "), "no greeting");

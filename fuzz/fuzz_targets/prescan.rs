@@ -10,7 +10,10 @@ fuzz_target!(|line: &[u8]| {
     if let Some(p) = prescan(line) {
         let t = p.tag.len();
         assert!(t > 0 && p.tag == &line[..t], "tag is not the line's start");
-        assert!(p.tag.iter().all(|&b| is_tag_char(b)), "tag holds a non-tag byte");
+        assert!(
+            p.tag.iter().all(|&b| is_tag_char(b)),
+            "tag holds a non-tag byte"
+        );
         assert_eq!(line[t], b' ', "no space after the tag");
         assert_eq!(p.name_range.start, t + 1, "name does not follow the space");
         assert!(
@@ -21,6 +24,9 @@ fuzz_target!(|line: &[u8]| {
         assert_eq!(p.name, CommandName::parse(&line[p.name_range.clone()]));
     }
     if let Some(tag) = tag_of(line) {
-        assert!(!tag.is_empty() && line.starts_with(tag), "tag_of is not a prefix");
+        assert!(
+            !tag.is_empty() && line.starts_with(tag),
+            "tag_of is not a prefix"
+        );
     }
 });
