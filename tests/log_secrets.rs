@@ -92,10 +92,14 @@ async fn no_secret_reaches_the_log_at_trace_level() {
     let certs = tempfile::tempdir().unwrap();
     let ca = TestCa::new(certs.path());
     let (cert, key) = ca.issue(certs.path(), "gw", &["localhost"]);
+    // No file watching: the harness writes the log into the configuration's directory, which
+    // the watcher watches, and at trace level the watcher logs every event on that file, each
+    // log line making another event (hundreds of thousands of lines in seconds).
     let extra = format!(
         "[[listeners]]\nname = \"imaps\"\naddress = \"127.0.0.1:{tls_port}\"\nmode = \"tls\"\n\
          tls_cert = {cert:?}\ntls_key = {key:?}\n\
-         [log]\nformat = \"json\"\nlevel = \"trace\"\n"
+         [log]\nformat = \"json\"\nlevel = \"trace\"\n\
+         [reload]\nwatch = false\n"
     );
     let gw = GatewayProcess::start_with_env(
         &gateway::single_backend(dovecot.addr()),
@@ -218,7 +222,7 @@ fn check_log(log: &str) {
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
     assert!(
-        json.len() > 50,
+        json.len() > 30,
         "expected a verbose JSON log, got {} lines:\n{log}",
         lines.len()
     );
