@@ -7,7 +7,7 @@
 # Then the packaging checks (each installs its own tools, caching them under
 # /var/cache/imap-gateway-ci): the dashboards and alert rules, the Kubernetes manifests and
 # Helm chart, the container image; and a fuzzing smoke run of the fuzz targets in fuzz/
-# (scripts/fuzz-smoke.sh, about a minute once its tools are cached). They run before the Rust
+# (scripts/fuzz-smoke.sh, about two minutes once its tools and build are cached). They run before the Rust
 # tests so that the test runner's summary closes the output; a failure in any of them still
 # fails the whole run.
 set -euo pipefail
