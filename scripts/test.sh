@@ -6,8 +6,10 @@
 #
 # Then the packaging checks (each installs its own tools, caching them under
 # /var/cache/imap-gateway-ci): the dashboards and alert rules, the Kubernetes manifests and
-# Helm chart, the container image. They run before the Rust tests so that the test runner's
-# summary closes the output; a failure in any of them still fails the whole run.
+# Helm chart, the container image; and a fuzzing smoke run of the fuzz targets in fuzz/
+# (scripts/fuzz-smoke.sh, about two minutes once its tools and build are cached). They run before the Rust
+# tests so that the test runner's summary closes the output; a failure in any of them still
+# fails the whole run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,7 +33,7 @@ if ! command -v promtool >/dev/null; then
 fi
 
 packaging=0
-for check in check-dashboards check-k8s check-image; do
+for check in check-dashboards check-k8s check-image fuzz-smoke; do
   echo "== scripts/$check.sh"
   if ! "./scripts/$check.sh"; then
     echo "scripts/$check.sh FAILED"
@@ -45,5 +47,5 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --no-fail-fast "$@" || tests=$?
 fi
-[ "$packaging" -eq 0 ] || echo "packaging checks FAILED (see above)" >&2
+[ "$packaging" -eq 0 ] || echo "packaging or fuzzing checks FAILED (see above)" >&2
 [ "$tests" -eq 0 ] && [ "$packaging" -eq 0 ]

@@ -114,5 +114,10 @@ pub async fn read_into(
             let buf = slot.get_or_insert_with(Buf::take);
             r.read(&mut buf[filled..]).await
         }
+        // An in-memory pipe (fuzzing only) has no readiness to wait on without a buffer.
+        ReadHalf::Memory(r) => {
+            let buf = slot.get_or_insert_with(Buf::take);
+            r.read(&mut buf[filled..]).await
+        }
     }
 }

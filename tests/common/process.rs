@@ -40,6 +40,17 @@ impl GatewayProcess {
         extra: &str,
         prepare: impl FnOnce(&std::path::Path),
     ) -> GatewayProcess {
+        Self::start_with_env(routing, extra, &[], prepare).await
+    }
+
+    /// As [`GatewayProcess::start_with`], with `env` added to the process's environment
+    /// (`RUST_LOG`, or `IMAP_GATEWAY_ADMIN__TOKEN` since `[admin]` is taken).
+    pub async fn start_with_env(
+        routing: &str,
+        extra: &str,
+        env: &[(&str, &str)],
+        prepare: impl FnOnce(&std::path::Path),
+    ) -> GatewayProcess {
         let dir = tempfile::tempdir().unwrap();
         prepare(dir.path());
         let port = free_port().port();
@@ -60,6 +71,7 @@ impl GatewayProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_imap-gateway"))
             .args(["run", "--config"])
             .arg(&config)
+            .envs(env.iter().copied())
             .stdout(Stdio::from(out.try_clone().unwrap()))
             .stderr(Stdio::from(out))
             .spawn()
