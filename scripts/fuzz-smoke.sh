@@ -34,6 +34,13 @@ now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1fs", b - a }'; }
 failed=()
 
+# libFuzzer itself is C++, built by libfuzzer-sys with the system compiler.
+if ! command -v c++ >/dev/null; then
+  echo "installing: g++ (apt-get)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ >/dev/null ||
+    { echo "FAIL  install g++"; exit 1; }
+fi
+
 start=$(now)
 if [ ! -x "$FUZZ" ] || [ "$("$FUZZ" --version 2>/dev/null | awk '{ print $2 }')" != "$CARGO_FUZZ_VERSION" ]; then
   echo "installing: cargo-fuzz $CARGO_FUZZ_VERSION"
