@@ -525,7 +525,7 @@ async fn upstream(
             // The rest of an APPEND literal: the gateway has nothing to see in it.
             slot = None;
             let counters = &ctx.counters;
-            let transfer = splice::transfer(from.as_ref(), to.as_ref(), left, |n| {
+            let transfer = splice::transfer(from.as_ref(), to.as_ref(), left, false, |n| {
                 counters.client_to_backend.inc_by(n as u64);
                 counters.spliced[0].inc_by(n as u64);
                 last_read.touch();
@@ -714,7 +714,7 @@ async fn downstream(
             // stop and injection checks below wait for the end of the response anyway.
             slot = None;
             let counters = &ctx.counters;
-            match splice::transfer(from.as_ref(), to.as_ref(), left, |n| {
+            match splice::transfer(from.as_ref(), to.as_ref(), left, true, |n| {
                 counters.backend_to_client.inc_by(n as u64);
                 counters.spliced[1].inc_by(n as u64);
             })

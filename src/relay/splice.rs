@@ -16,10 +16,17 @@ use tokio::net::TcpStream;
 /// Smallest literal remainder worth a pipe: below it the buffered path, whose buffer is
 /// already at hand, costs fewer system calls than the two splices per pipe load.
 pub const MIN_SPLICE: u64 = 64 * 1024;
-/// Pipe capacity asked for. Each pipe load costs two `splice` calls; 256 KiB keeps that to
-/// a few per megabyte while staying well inside the kernel's per-user pipe allowance
-/// (`fs.pipe-user-pages-soft`, 64 MiB) with [`MAX_FREE`] pipes pooled.
-const PIPE_SIZE: i32 = 256 * 1024;
+/// Pipe capacity asked for: room for two [`LOW_WATER`] loads. Each load costs two `splice`
+/// calls. The kernel's per-user allowance (`fs.pipe-user-pages-soft`, 64 MiB) holds 128
+/// such pipes; past it new pipes stay small (slower, still correct). Measured on loopback
+/// with 2 MB FETCHes: 256 KiB pipes with a 128 KiB low-water mark cost 0.25-0.28 ms of
+/// gateway CPU per MB, 512 KiB with 256 KiB 0.24-0.26, 1 MiB no better.
+const PIPE_SIZE: i32 = 512 * 1024;
+/// While a literal streams in, the source socket reports readable only once this much of it
+/// (or its rest) has arrived (SO_RCVLOWAT): fewer wake-ups, each moving more. Without it,
+/// 0.34 ms per MB in the same benchmark. Only for a backend's responses: a client's APPEND
+/// may trickle, and its bytes must go on (and count as activity) as they come.
+const LOW_WATER: u64 = 256 * 1024;
 /// Most idle pipes kept for reuse (each is two descriptors and no memory while empty).
 const MAX_FREE: usize = 32;
 
@@ -108,6 +115,53 @@ impl Drop for Loan {
     }
 }
 
+/// The source socket's receive low-water mark for the length of a transfer; back to one
+/// byte when dropped, however the transfer ends, so that response lines are seen at once.
+struct LowWater {
+    fd: RawFd,
+    set: u64,
+}
+
+impl LowWater {
+    fn new(fd: RawFd) -> LowWater {
+        LowWater { fd, set: 1 }
+    }
+
+    /// Asks for `left` bytes or [`LOW_WATER`], whichever is less, before the next wake-up.
+    fn expect(&mut self, left: u64) {
+        let want = left.clamp(1, LOW_WATER);
+        if want != self.set {
+            // Only an optimisation: if the kernel refuses it, wake-ups stay per segment.
+            if set_rcvlowat(self.fd, want) {
+                self.set = want;
+            }
+        }
+    }
+}
+
+impl Drop for LowWater {
+    fn drop(&mut self) {
+        if self.set != 1 {
+            set_rcvlowat(self.fd, 1);
+        }
+    }
+}
+
+fn set_rcvlowat(fd: RawFd, bytes: u64) -> bool {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: a socket descriptor open for the call and an int option of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    rc == 0
+}
+
 /// Errors that say splice cannot work here at all, as opposed to a connection failing.
 fn refused(e: &io::Error) -> bool {
     matches!(
@@ -133,13 +187,15 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 }
 
 /// Moves `len` bytes from `from` to `to` through a pooled pipe, calling `moved` with each
-/// amount delivered to `to`. `Ok(false)`: no pipe could be had and nothing was moved; the
-/// caller relays the bytes itself. Cancel-safe only in the sense that dropping it loses the
+/// amount delivered to `to`; with `batch`, waits for [`LOW_WATER`] bytes per wake-up.
+/// `Ok(false)`: no pipe could be had and nothing was moved; the caller relays the bytes
+/// itself. Cancel-safe only in the sense that dropping it loses the
 /// bytes in flight: callers drop it only when the session ends.
 pub async fn transfer(
     from: &TcpStream,
     to: &TcpStream,
     len: u64,
+    batch: bool,
     mut moved: impl FnMut(usize),
 ) -> Result<bool, SpliceError> {
     if !USABLE.load(Ordering::Relaxed) {
@@ -154,7 +210,11 @@ pub async fn transfer(
     let (pipe_r, pipe_w) = (pipe.read.as_raw_fd(), pipe.write.as_raw_fd());
     let mut left = len;
     let mut first = true;
+    let mut low_water = LowWater::new(from.as_raw_fd());
     while left > 0 {
+        if batch {
+            low_water.expect(left);
+        }
         // The pipe is empty here, so EAGAIN can only mean the socket has nothing yet.
         let want = usize::try_from(left).unwrap_or(usize::MAX);
         let filled = loop {
@@ -228,7 +288,7 @@ mod tests {
             got
         });
         let mut total = 0;
-        let done = transfer(&src_r, &dst_w, body.len() as u64, |n| total += n)
+        let done = transfer(&src_r, &dst_w, body.len() as u64, true, |n| total += n)
             .await
             .unwrap();
         assert!(done);
@@ -249,7 +309,7 @@ mod tests {
         src_w.write_all(&[7u8; 1000]).await.unwrap();
         drop(src_w);
         let mut total = 0;
-        let r = transfer(&src_r, &dst_w, 5000, |n| total += n).await;
+        let r = transfer(&src_r, &dst_w, 5000, true, |n| total += n).await;
         assert!(matches!(r, Err(SpliceError::Source)));
         assert_eq!(total, 1000);
     }
