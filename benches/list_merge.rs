@@ -193,6 +193,7 @@ impl Session {
             rewrite_referrals: false,
             splice: true,
             autologout: imap_gateway::config::MIN_AUTOLOGOUT,
+            client_send: Duration::from_secs(60),
         };
         let ctx = RelayContext {
             stop: Stop::never(),

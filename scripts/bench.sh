@@ -429,6 +429,13 @@ level = "$GW_LOG"
 
 [performance]
 $GW_PERF
+
+# The benchmark loads the gateway on purpose: its own limits would refuse it.
+[limits]
+max_connections = 0
+max_connections_per_ip = 0
+max_sessions_per_user = 0
+auth_penalty_base = "0s"
 EOF
 cat >"$BENCH_DIR/routing.toml" <<EOF
 # Written by scripts/bench.sh: users spread over both backends by rendezvous hashing.
@@ -484,6 +491,13 @@ level = "$GW_LOG"
 
 [performance]
 $GW_PERF
+
+# The benchmark loads the gateway on purpose: its own limits would refuse it.
+[limits]
+max_connections = 0
+max_connections_per_ip = 0
+max_sessions_per_user = 0
+auth_penalty_base = "0s"
 EOF2
     "$GATEWAY" run --config "$conf" </dev/null >>"$BENCH_DIR/gateway.log" 2>&1 &
     GW_EXTRA_PIDS+=($!)

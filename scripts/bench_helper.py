@@ -209,7 +209,14 @@ def sample(path, admin_ports, pids, loadgen_pids):
 
     state = json.load(open(path))
     peak, rss_at_peak, samples = -1, None, 0
-    alive = lambda p: os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0]
+    def alive(p):
+        # The shell may reap the process between any two reads here.
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return False
+
     while any(alive(p) for p in loadgen_pids.split()):
         try:
             sessions, rss = gateway_state(admin_ports.split(), pids.split())

@@ -37,7 +37,7 @@ failed=()
 # libFuzzer itself is C++, built by libfuzzer-sys with the system compiler.
 if ! command -v c++ >/dev/null; then
   echo "installing: g++ (apt-get)"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ >/dev/null ||
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ >/dev/null; } ||
     { echo "FAIL  install g++"; exit 1; }
 fi
 

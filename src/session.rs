@@ -201,6 +201,7 @@ async fn relay(open: Open, shared: &Shared) -> SessionEnd {
         rewrite_referrals: !capability::has(&backend.capabilities, "MAILBOX-REFERRALS"),
         splice: shared.config.performance.splice,
         autologout: shared.config.timeouts.autologout(),
+        client_send: shared.config.timeouts.client_send,
     };
     let ctx = RelayContext {
         stop: stop.clone(),
@@ -313,7 +314,13 @@ async fn open(
                 "login delayed after failed logins from the address"
             );
             let until = Instant::now().checked_add(delay).unwrap_or(deadline);
-            tokio::time::sleep_until(until.min(deadline)).await;
+            if until >= deadline {
+                // The attempt would come after the deadline: it is not made at all.
+                tokio::time::sleep_until(deadline).await;
+                ended(preauth.time_out().await);
+                return None;
+            }
+            tokio::time::sleep_until(until).await;
         }
         // A kick for this user reaches the session from the login on.
         registration.set_user(&attempt.user);

@@ -79,6 +79,7 @@ async fn no_allocation_per_relayed_chunk() {
         rewrite_referrals: true,
         splice: true,
         autologout: imap_gateway::config::MIN_AUTOLOGOUT,
+        client_send: Duration::from_secs(60),
     };
     // Metrics and the stop signal are on the hot path too: counting must not allocate.
     let metrics = Metrics::new(&prometheus::Registry::new()).unwrap();

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use common::dovecot::{Dovecot, DovecotOptions, wait_for_log};
+use common::dovecot::{Dovecot, DovecotOptions, login_lines, wait_for_log};
 use common::gateway::{self, TestGateway};
 use common::imap::{Client, WAIT, tagged_ok};
 use common::wait::until;
@@ -568,5 +568,148 @@ async fn autologout_and_spliced_literals() {
     let rest = String::from_utf8(c.read_to_end().await).unwrap();
     assert_eq!(rest, AUTOLOGOUT_BYE);
     assert_eq!(ended(&gw, "autologout"), 1);
+    gw.stop().await;
+}
+
+/// With mounts, a streamed APPEND literal is under the autologout too: an upload that keeps
+/// sending, however slowly, goes through; one that stalls is cut.
+#[tokio::test]
+async fn autologout_in_an_append_literal_to_a_mount() {
+    let home = Dovecot::start(DovecotOptions::default());
+    let other = Dovecot::start(DovecotOptions::default());
+    other.seed_message("alice", "Box", b"Subject: x\r\n\r\nhello\r\n");
+    let routing = format!(
+        "default_pool = [\"home\"]\n{}{}\
+         [[mounts]]\nusers = \"*\"\nprefix = \"Other\"\nbackend = \"other\"\npath = \"\"\n",
+        gateway::backend_toml("home", home.addr(), ""),
+        gateway::backend_toml("other", other.addr(), ""),
+    );
+    let gw = gateway::start_with(&routing, |c, _| {
+        c.timeouts.autologout_unchecked = Some(AUTOLOGOUT);
+    })
+    .await;
+    let mut msg = b"From: slow@example.org\r\nSubject: slow upload\r\n\r\n".to_vec();
+    while msg.len() < 256 * 1024 {
+        msg.extend_from_slice(&[b'x'; 78]);
+        msg.extend_from_slice(b"\r\n");
+    }
+    let mut c = Client::connect(gw.addr).await;
+    c.login("alice", "alicepw").await;
+    c.write(format!("a1 APPEND Other/Box {{{}}}\r\n", msg.len()).as_bytes())
+        .await;
+    let cont = line(&mut c).await;
+    assert!(cont.starts_with("+ "), "{cont:?}");
+    for chunk in msg.chunks(msg.len().div_ceil(12)) {
+        c.write(chunk).await;
+        tokio::time::sleep(AUTOLOGOUT / 4).await;
+    }
+    c.write(b"\r\n").await;
+    let r = c.until_tagged("a1").await;
+    assert!(tagged_ok(&r), "{r}");
+    assert!(tagged_ok(&c.cmd("NOOP").await));
+
+    c.write(format!("a3 APPEND Other/Box {{{}}}\r\n", msg.len()).as_bytes())
+        .await;
+    let cont = line(&mut c).await;
+    assert!(cont.starts_with("+ "), "{cont:?}");
+    c.write(&msg[..msg.len() / 2]).await;
+    let since = Instant::now();
+    let rest = String::from_utf8(c.read_to_end().await).unwrap();
+    assert!(rest.ends_with(AUTOLOGOUT_BYE), "{rest:?}");
+    assert!(since.elapsed() >= AUTOLOGOUT - Duration::from_millis(50));
+    assert_eq!(ended(&gw, "autologout"), 1);
+    gw.stop().await;
+}
+
+/// A penalty that would outlast the pre-auth deadline does not let the attempt through
+/// after it: the client is told it timed out, and the backend never sees the attempt.
+#[tokio::test]
+async fn a_penalty_longer_than_the_preauth_deadline_ends_the_dialogue() {
+    let dovecot = Dovecot::start(DovecotOptions {
+        master_user: Some(("gwmaster".into(), "masterpw".into())),
+        ..DovecotOptions::default()
+    });
+    let preauth = Duration::from_millis(1500);
+    let gw = gateway::start_with(&gateway::single_backend(dovecot.addr()), |c, dir| {
+        let passdb = dir.join("gateway.passwd");
+        std::fs::write(&passdb, "alice:{PLAIN}alicepw\n").unwrap();
+        c.backend_auth.mode = BackendAuthMode::Master;
+        c.backend_auth.master_user = Some("gwmaster".into());
+        c.backend_auth.master_password = Some("masterpw".into());
+        c.backend_auth.passdb = Some(passdb);
+        c.limits.auth_penalty_base = Duration::from_secs(10);
+        c.limits.auth_penalty_max = Duration::from_secs(10);
+        c.limits.max_auth_failures = 10;
+        c.timeouts.preauth = preauth;
+    })
+    .await;
+    let started = Instant::now();
+    let mut c = client_from([127, 0, 0, 1], gw.addr).await;
+    expect_greeting(&mut c).await;
+    let (r, _) = timed_login(&mut c, "wrong", false).await;
+    assert!(r.ends_with(&format!("{AUTH_FAILED}\r\n")), "{r}");
+    // The right password now, but after a 10 s wait that the 1.5 s deadline cuts.
+    c.write(b"a2 LOGIN alice alicepw\r\n").await;
+    let rest = String::from_utf8(c.read_to_end().await).unwrap();
+    assert_eq!(rest, "* BYE Disconnected for inactivity.\r\n");
+    let took = started.elapsed();
+    assert!(took >= preauth && took < preauth + SLACK, "{took:?}");
+    // The backend never saw a login for alice.
+    assert_eq!(login_lines(&dovecot.log_contents(), "alice").len(), 0);
+    assert_eq!(hits(&gw, Limit::PreauthTimeout), 1);
+    gw.stop().await;
+}
+
+/// The autologout measures the client's silence on its own turn only: a client that is slow
+/// to read a large answer (the backend still owes the end of it) is not logged out when the
+/// answer completes, and its next command is served. A client that stops reading altogether
+/// is cut once it has taken nothing for `timeouts.client_send`.
+#[tokio::test]
+async fn autologout_does_not_count_while_an_answer_is_owed() {
+    let dovecot = Dovecot::start(DovecotOptions::default());
+    let mut msg = b"From: big@example.org\r\nSubject: big\r\n\r\n".to_vec();
+    while msg.len() < 24 << 20 {
+        msg.extend_from_slice(&[b'y'; 998]);
+        msg.extend_from_slice(b"\r\n");
+    }
+    dovecot.seed_message("alice", "INBOX", &msg);
+    let client_send = Duration::from_secs(3);
+    let gw = start(&dovecot, |c| {
+        c.timeouts.autologout_unchecked = Some(AUTOLOGOUT);
+        c.timeouts.client_send = client_send;
+    })
+    .await;
+    let mut c = Client::connect(gw.addr).await;
+    c.login("alice", "alicepw").await;
+    assert!(tagged_ok(&c.cmd("SELECT INBOX").await));
+    c.write(b"f1 FETCH 1 BODY.PEEK[]\r\n").await;
+    // The client reads nothing for three timer periods (less than the send limit): the
+    // gateway is stuck writing the answer meanwhile, far more than the socket buffers hold.
+    tokio::time::sleep(AUTOLOGOUT * 3).await;
+    let r = c.until_tagged("f1").await;
+    assert!(r.len() > msg.len(), "{}", r.len());
+    assert!(r.contains("\r\nf1 OK "), "{}", &r[r.len() - 100..]);
+    let r = c.cmd("NOOP").await;
+    assert!(tagged_ok(&r), "{r}");
+    assert_eq!(ended(&gw, "autologout"), 0);
+
+    // A reader that stops: the FETCH is sent, nothing is read, and the session is cut.
+    c.write(b"f2 FETCH 1 BODY.PEEK[]\r\n").await;
+    let since = Instant::now();
+    until("the stalled reader is cut", || {
+        ended(&gw, "client_gone") == 1
+    })
+    .await;
+    assert!(since.elapsed() >= client_send, "{:?}", since.elapsed());
+    assert_eq!(ended(&gw, "autologout"), 0);
+    // Its backend connection is closed too (a LOGOUT queued behind the unread answer may
+    // not be reached, so Dovecot sees the connection go).
+    wait_for_log(&dovecot, "the backend session ends", |log| {
+        log.lines().any(|l| {
+            l.contains("imap(alice)") && (l.contains("Disconnected") || l.contains("Logged out"))
+        })
+    })
+    .await;
+    drop(c);
     gw.stop().await;
 }

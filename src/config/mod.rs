@@ -244,6 +244,11 @@ pub struct Timeouts {
     /// see an autologout in a second. serde skips it: a file or the environment cannot set it.
     #[serde(skip)]
     pub autologout_unchecked: Option<Duration>,
+    /// A logged-in client that takes none of what the gateway sends it for this long is
+    /// disconnected (a client that stops reading holds its backend like one that stops
+    /// writing, and the autologout does not run while an answer is owed).
+    #[serde(with = "humantime_serde")]
+    pub client_send: Duration,
 }
 
 impl Timeouts {
@@ -263,6 +268,7 @@ impl Default for Timeouts {
             shutdown_grace: Duration::from_secs(30),
             autologout: MIN_AUTOLOGOUT,
             autologout_unchecked: None,
+            client_send: Duration::from_secs(60),
         }
     }
 }
@@ -537,6 +543,7 @@ impl Config {
             ("timeouts.preauth", self.timeouts.preauth),
             ("timeouts.backend_connect", self.timeouts.backend_connect),
             ("timeouts.backend_login", self.timeouts.backend_login),
+            ("timeouts.client_send", self.timeouts.client_send),
         ] {
             if d.is_zero() {
                 out.push(format!("{name} must be greater than zero"));

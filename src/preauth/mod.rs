@@ -458,6 +458,13 @@ impl Preauth {
         }
     }
 
+    /// Ends the dialogue at the pre-auth deadline (reached outside it: an auth penalty that
+    /// would outlast it).
+    pub async fn time_out(&mut self) -> PreauthEnd {
+        self.bye(None, "Disconnected for inactivity.", PreauthEnd::Timeout)
+            .await
+    }
+
     /// Tells the client its login failed; BYE once there were too many failures.
     pub async fn reject_login(
         &mut self,

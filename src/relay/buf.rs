@@ -67,7 +67,8 @@ impl Drop for Buf {
         let mut free = FREE.lock().unwrap_or_else(PoisonError::into_inner);
         if free.len() < MAX_FREE {
             // Reserved whole once, so giving back never allocates.
-            free.reserve_exact(MAX_FREE);
+            let room = MAX_FREE - free.len();
+            free.reserve_exact(room);
             free.push(buf);
         }
     }

@@ -58,12 +58,15 @@ pub struct RelayOptions {
     /// The client is logged out after this long without sending a byte (see
     /// [`AUTOLOGOUT_BYE`]).
     pub autologout: Duration,
+    /// A client that takes none of what is sent to it for this long is gone.
+    pub client_send: Duration,
 }
 
 /// What a client gets when the gateway logs it out for inactivity (RFC 3501 section 5.4).
 ///
-/// The rule, the same for both relays: the timer runs from the last bytes the client sent,
-/// so any command resets it, and an IDLE resets it when it starts (it is a command) but not
+/// The rule, the same for both relays: the timer runs from the last bytes the client sent
+/// or the last answer it got, and not while a backend owes the answer to a command the
+/// client has finished sending; so any command resets it, and an IDLE resets it when it starts (it is a command) but not
 /// while it lasts: RFC 2177 has clients re-issue IDLE within 29 minutes, so an IDLE held past
 /// the timer without DONE ends the session too. On expiry the session ends at its next safe
 /// point, like a shutdown: a response in progress is finished first, an IDLE is ended with
@@ -128,6 +131,9 @@ struct Progress {
     injected: Notify,
     /// The queue has room again.
     inject_room: Notify,
+    /// When the client last sent bytes or last got a command answered: what the autologout
+    /// counts from.
+    activity: Activity,
 }
 
 impl Progress {
@@ -296,6 +302,12 @@ struct Activity {
     last: AtomicU64,
 }
 
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Activity {
     fn new() -> Self {
         Self {
@@ -318,22 +330,40 @@ impl Activity {
     }
 }
 
-/// Resolves once `wait` has passed since `last` without `last` moving on. The timer is
+/// Resolves once `wait` has passed since `last` without `last` moving on, while it is the
+/// client's turn: when `backends_turn` says a command the client finished sending is still
+/// being answered (a long SEARCH, or a large FETCH a slow client is still reading), the
+/// time does not count, so the timer runs from the answer, as with mounts. The timer is
 /// moved on lazily, when it fires, rather than at every read: a read only notes the time,
 /// which costs no timer-wheel update on the hot path.
 async fn idle_for(
     mut timer: std::pin::Pin<&mut tokio::time::Sleep>,
     last: &Activity,
     wait: Duration,
+    backends_turn: impl Fn() -> bool,
 ) {
     loop {
         timer.as_mut().await;
+        if backends_turn() {
+            last.touch();
+        }
         let due = after(last.get(), wait);
         if tokio::time::Instant::now() >= due {
             return;
         }
         timer.as_mut().reset(due);
     }
+}
+
+/// Whether the backend owes an answer to a command the client has finished sending (an
+/// IDLE does not count: in IDLE the client's silence is what the autologout measures).
+fn backends_turn(progress: &Progress, at_message_start: bool) -> bool {
+    if !at_message_start {
+        return false;
+    }
+    let pending = progress.pending();
+    let in_idle = pending.only_one() && progress.idle.load(Ordering::Acquire);
+    !(pending.is_empty() || in_idle)
 }
 
 /// `from + wait`, or a year from `from` when that is past what an `Instant` can hold (a
@@ -345,12 +375,29 @@ pub(crate) fn after(from: tokio::time::Instant, wait: Duration) -> tokio::time::
 
 const BACKEND_LOST: &[u8] = b"* BYE [UNAVAILABLE] Backend connection lost\r\n";
 
+/// How long a last word (BYE) may wait for a client to read; one that does not read is
+/// closed without it.
+const LAST_WORD: Duration = Duration::from_secs(5);
+
 /// Says a last word to the client (when there is one) and closes its sending side.
 async fn close_client<W: AsyncWrite + Unpin>(w: &mut W, last_word: Option<&[u8]>) {
-    if let Some(bye) = last_word {
-        let _ = w.write_all(bye).await;
-    }
-    let _ = w.shutdown().await;
+    let _ = tokio::time::timeout(LAST_WORD, async {
+        if let Some(bye) = last_word {
+            w.write_all(bye).await?;
+        }
+        w.shutdown().await
+    })
+    .await;
+}
+
+/// Writes `bytes` to the client; false when it failed or the client took nothing for
+/// `stall` (`timeouts.client_send`: a client that stops reading is as gone as one that
+/// stops writing, and would otherwise hold the session and its backend forever).
+async fn deliver(client: &mut WriteHalf<'_>, bytes: &[u8], stall: Duration) -> bool {
+    matches!(
+        tokio::time::timeout(stall, client.write_all(bytes)).await,
+        Ok(Ok(()))
+    )
 }
 
 enum Outcome {
@@ -419,8 +466,9 @@ async fn upstream(
     progress.at_boundary.store(filled == 0, Ordering::Release);
     // When set, the current message is swallowed and this answer is sent once it ends.
     let mut swallow: Option<Vec<u8>> = None;
-    // Shared with a spliced literal's transfer, which notes its progress from inside.
-    let last_read = Activity::new();
+    // Shared with a spliced literal's transfer, which notes its progress from inside, and
+    // with the other direction, which notes answers.
+    let last_read = &progress.activity;
     let mut autologout = std::pin::pin!(tokio::time::sleep_until(after(
         last_read.get(),
         opts.autologout
@@ -525,15 +573,22 @@ async fn upstream(
             // The rest of an APPEND literal: the gateway has nothing to see in it.
             slot = None;
             let counters = &ctx.counters;
-            let transfer = splice::transfer(from.as_ref(), to.as_ref(), left, false, |n| {
-                counters.client_to_backend.inc_by(n as u64);
-                counters.spliced[0].inc_by(n as u64);
-                last_read.touch();
-            });
+            let transfer = splice::transfer(
+                from.as_ref(),
+                to.as_ref(),
+                left,
+                false,
+                opts.autologout,
+                |n| {
+                    counters.client_to_backend.inc_by(n as u64);
+                    counters.spliced[0].inc_by(n as u64);
+                    last_read.touch();
+                },
+            );
             // A literal that stops flowing is the client gone quiet mid-command.
             let spliced = tokio::select! {
                 r = transfer => r,
-                _ = idle_for(autologout.as_mut(), &last_read, opts.autologout) => {
+                _ = idle_for(autologout.as_mut(), last_read, opts.autologout, || false) => {
                     return UpEnd::Autologout;
                 }
             };
@@ -558,7 +613,9 @@ async fn upstream(
                 // The other side ends the session once the backend has answered.
                 return std::future::pending().await;
             }
-            _ = idle_for(autologout.as_mut(), &last_read, opts.autologout) => {
+            _ = idle_for(autologout.as_mut(), last_read, opts.autologout, || {
+                backends_turn(progress, stoppable && filled == 0)
+            }) => {
                 if !stoppable {
                     return UpEnd::Autologout;
                 }
@@ -691,6 +748,7 @@ async fn downstream(
                                 _ => {
                                     idling = false;
                                     progress.pending().answered(head);
+                                    progress.activity.touch();
                                 }
                             }
                         }
@@ -699,7 +757,7 @@ async fn downstream(
                     Err(e) => return DownEnd::Frame(e),
                 }
             }
-            if client.write_all(&buf[..filled]).await.is_err() {
+            if !deliver(client, &buf[..filled], opts.client_send).await {
                 return DownEnd::ClientGone;
             }
             filled = 0;
@@ -714,10 +772,17 @@ async fn downstream(
             // stop and injection checks below wait for the end of the response anyway.
             slot = None;
             let counters = &ctx.counters;
-            match splice::transfer(from.as_ref(), to.as_ref(), left, true, |n| {
-                counters.backend_to_client.inc_by(n as u64);
-                counters.spliced[1].inc_by(n as u64);
-            })
+            match splice::transfer(
+                from.as_ref(),
+                to.as_ref(),
+                left,
+                true,
+                opts.client_send,
+                |n| {
+                    counters.backend_to_client.inc_by(n as u64);
+                    counters.spliced[1].inc_by(n as u64);
+                },
+            )
             .await
             {
                 Ok(true) => {
@@ -736,7 +801,7 @@ async fn downstream(
         }
         if framer.at_message_start() {
             while let Some(answer) = progress.injected() {
-                if client.write_all(&answer).await.is_err() {
+                if !deliver(client, &answer, opts.client_send).await {
                     return DownEnd::ClientGone;
                 }
             }

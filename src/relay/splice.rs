@@ -108,7 +108,8 @@ impl Drop for Loan {
             let mut free = FREE.lock().unwrap_or_else(PoisonError::into_inner);
             if free.len() < MAX_FREE {
                 // Reserved whole once, so giving back never allocates.
-                free.reserve_exact(MAX_FREE);
+                let room = MAX_FREE - free.len();
+                free.reserve_exact(room);
                 free.push(pipe);
             }
         }
@@ -170,6 +171,8 @@ fn refused(e: &io::Error) -> bool {
     )
 }
 
+/// Writing into a socket the peer reset raises SIGPIPE, which Rust programs ignore (the
+/// runtime sets it to SIG_IGN before `main`), so it comes back as EPIPE here.
 fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: both descriptors are open for the duration of the call; null offsets mean
     // "current position", as pipes and sockets require.
@@ -187,7 +190,8 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 }
 
 /// Moves `len` bytes from `from` to `to` through a pooled pipe, calling `moved` with each
-/// amount delivered to `to`; with `batch`, waits for [`LOW_WATER`] bytes per wake-up.
+/// amount delivered to `to`; with `batch`, waits for [`LOW_WATER`] bytes per wake-up. A
+/// destination that takes nothing for `stall` fails the transfer.
 /// `Ok(false)`: no pipe could be had and nothing was moved; the caller relays the bytes
 /// itself. Cancel-safe only in the sense that dropping it loses the
 /// bytes in flight: callers drop it only when the session ends.
@@ -196,6 +200,7 @@ pub async fn transfer(
     to: &TcpStream,
     len: u64,
     batch: bool,
+    stall: std::time::Duration,
     mut moved: impl FnMut(usize),
 ) -> Result<bool, SpliceError> {
     if !USABLE.load(Ordering::Relaxed) {
@@ -239,7 +244,11 @@ pub async fn transfer(
         left -= filled as u64;
         while loan.queued > 0 {
             // The pipe holds `queued` bytes, so EAGAIN can only mean the socket is full.
-            to.writable().await.map_err(|_| SpliceError::Sink)?;
+            // A peer that reads nothing for `stall` is treated as gone.
+            match tokio::time::timeout(stall, to.writable()).await {
+                Ok(Ok(())) => {}
+                _ => return Err(SpliceError::Sink),
+            }
             match to.try_io(Interest::WRITABLE, || {
                 splice(pipe_r, to.as_raw_fd(), loan.queued)
             }) {
@@ -288,9 +297,16 @@ mod tests {
             got
         });
         let mut total = 0;
-        let done = transfer(&src_r, &dst_w, body.len() as u64, true, |n| total += n)
-            .await
-            .unwrap();
+        let done = transfer(
+            &src_r,
+            &dst_w,
+            body.len() as u64,
+            true,
+            std::time::Duration::from_secs(30),
+            |n| total += n,
+        )
+        .await
+        .unwrap();
         assert!(done);
         assert_eq!(total, body.len());
         assert_eq!(reader.await.unwrap(), body);
@@ -309,7 +325,15 @@ mod tests {
         src_w.write_all(&[7u8; 1000]).await.unwrap();
         drop(src_w);
         let mut total = 0;
-        let r = transfer(&src_r, &dst_w, 5000, true, |n| total += n).await;
+        let r = transfer(
+            &src_r,
+            &dst_w,
+            5000,
+            true,
+            std::time::Duration::from_secs(30),
+            |n| total += n,
+        )
+        .await;
         assert!(matches!(r, Err(SpliceError::Source)));
         assert_eq!(total, 1000);
     }

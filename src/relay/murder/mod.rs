@@ -96,6 +96,7 @@ impl From<WireError> for End {
                 }))
             }
             WireError::Closed | WireError::Io(_) => End::ClientGone,
+            WireError::Quiet(_) => End::Autologout,
         }
     }
 }
@@ -112,6 +113,12 @@ impl From<CommandError> for End {
         }
     }
 }
+
+/// The client wire's own read limit is the autologout plus this, so that where the session
+/// waits with a timer of its own (between commands, in IDLE: it ends IDLE with DONE first)
+/// that timer fires first; the wire's limit catches the waits that have none (inside a
+/// streamed APPEND literal).
+const QUIET_SLACK: std::time::Duration = std::time::Duration::from_secs(1);
 
 type Step<T = ()> = Result<T, End>;
 
@@ -185,7 +192,8 @@ pub async fn run(
     );
     let mut s = Murder {
         client: Wire::new(client, client_ahead, opts.max_command_line)
-            .counted(ctx.counters.client_to_backend.clone()),
+            .counted(ctx.counters.client_to_backend.clone())
+            .quiet_after(opts.autologout.saturating_add(QUIET_SLACK)),
         reader: CommandReader::new(opts.max_command_line, opts.max_literal),
         conns,
         mounts,

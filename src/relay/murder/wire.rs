@@ -21,6 +21,9 @@ pub enum WireError {
     Frame(#[from] FrameError),
     #[error("message over {0} bytes")]
     TooLong(usize),
+    /// A read waited longer than the wire's quiet limit (the client's autologout).
+    #[error("nothing received for {0:?}")]
+    Quiet(std::time::Duration),
 }
 
 /// Where forwarding a message failed.
@@ -44,6 +47,8 @@ pub struct Wire {
     max_line: usize,
     /// Bytes read from `stream` are added here (relayed-bytes metrics).
     read_counter: Option<IntCounter>,
+    /// Longest wait for a read before [`WireError::Quiet`].
+    quiet: Option<std::time::Duration>,
 }
 
 impl Wire {
@@ -59,7 +64,16 @@ impl Wire {
             end,
             max_line,
             read_counter: None,
+            quiet: None,
         }
+    }
+
+    /// Makes every read that waits longer than `limit` fail with [`WireError::Quiet`]: on
+    /// the client's wire, the autologout holds wherever the session reads from it, inside
+    /// a streamed APPEND literal too.
+    pub fn quiet_after(mut self, limit: std::time::Duration) -> Self {
+        self.quiet = Some(limit);
+        self
     }
 
     /// Counts every byte read from the stream on `counter`.
@@ -100,7 +114,15 @@ impl Wire {
             let grown = (self.buf.len() * 2).min(max.max(BUF_SIZE));
             self.buf.resize(grown, 0);
         }
-        match self.stream.read(&mut self.buf[self.end..]).await {
+        let read = self.stream.read(&mut self.buf[self.end..]);
+        let read = match self.quiet {
+            Some(limit) => match tokio::time::timeout(limit, read).await {
+                Ok(r) => r,
+                Err(_) => return Err(WireError::Quiet(limit)),
+            },
+            None => read.await,
+        };
+        match read {
             Ok(0) => Err(WireError::Closed),
             Ok(n) => {
                 self.end += n;
