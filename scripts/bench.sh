@@ -404,6 +404,16 @@ start_dovecots() {
 
 # --- 4. the gateway -----------------------------------------------------------------------
 
+# Both in every gateway configuration: the --gw-perf settings, and the gateway's own limits
+# off, since the benchmark loads it on purpose.
+GW_TUNING="[performance]
+$GW_PERF
+
+[limits]
+max_connections = 0
+max_connections_per_ip = 0
+max_sessions_per_user = 0
+auth_penalty_base = \"0s\""
 cat >"$BENCH_DIR/gateway.toml" <<EOF
 # Written by scripts/bench.sh.
 routing_table = "routing.toml"
@@ -427,15 +437,7 @@ address = "127.0.0.1:$GW_ADMIN_PORT"
 [log]
 level = "$GW_LOG"
 
-[performance]
-$GW_PERF
-
-# The benchmark loads the gateway on purpose: its own limits would refuse it.
-[limits]
-max_connections = 0
-max_connections_per_ip = 0
-max_sessions_per_user = 0
-auth_penalty_base = "0s"
+$GW_TUNING
 EOF
 cat >"$BENCH_DIR/routing.toml" <<EOF
 # Written by scripts/bench.sh: users spread over both backends by rendezvous hashing.
@@ -489,15 +491,7 @@ address = "127.0.0.1:$((BASE + 40 + k))"
 [log]
 level = "$GW_LOG"
 
-[performance]
-$GW_PERF
-
-# The benchmark loads the gateway on purpose: its own limits would refuse it.
-[limits]
-max_connections = 0
-max_connections_per_ip = 0
-max_sessions_per_user = 0
-auth_penalty_base = "0s"
+$GW_TUNING
 EOF2
     "$GATEWAY" run --config "$conf" </dev/null >>"$BENCH_DIR/gateway.log" 2>&1 &
     GW_EXTRA_PIDS+=($!)

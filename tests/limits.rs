@@ -319,8 +319,9 @@ async fn autologout_after_silence_and_in_idle_with_backend_logout() {
     gw.stop().await;
 }
 
-#[tokio::test]
-async fn autologout_with_mounts_between_commands_and_in_idle() {
+/// A home Dovecot, another mounted under `Other/` for everyone (alice has `Other/Box`
+/// there), and a gateway with the short test autologout.
+async fn with_a_mount() -> (Dovecot, Dovecot, TestGateway) {
     let home = Dovecot::start(DovecotOptions::default());
     let other = Dovecot::start(DovecotOptions::default());
     other.seed_message("alice", "Box", b"Subject: x\r\n\r\nhello\r\n");
@@ -334,6 +335,12 @@ async fn autologout_with_mounts_between_commands_and_in_idle() {
         c.timeouts.autologout_unchecked = Some(AUTOLOGOUT);
     })
     .await;
+    (home, other, gw)
+}
+
+#[tokio::test]
+async fn autologout_with_mounts_between_commands_and_in_idle() {
+    let (home, other, gw) = with_a_mount().await;
 
     let mut idler = Client::connect(gw.addr).await;
     idler.login("alice", "alicepw").await;
@@ -575,19 +582,7 @@ async fn autologout_and_spliced_literals() {
 /// sending, however slowly, goes through; one that stalls is cut.
 #[tokio::test]
 async fn autologout_in_an_append_literal_to_a_mount() {
-    let home = Dovecot::start(DovecotOptions::default());
-    let other = Dovecot::start(DovecotOptions::default());
-    other.seed_message("alice", "Box", b"Subject: x\r\n\r\nhello\r\n");
-    let routing = format!(
-        "default_pool = [\"home\"]\n{}{}\
-         [[mounts]]\nusers = \"*\"\nprefix = \"Other\"\nbackend = \"other\"\npath = \"\"\n",
-        gateway::backend_toml("home", home.addr(), ""),
-        gateway::backend_toml("other", other.addr(), ""),
-    );
-    let gw = gateway::start_with(&routing, |c, _| {
-        c.timeouts.autologout_unchecked = Some(AUTOLOGOUT);
-    })
-    .await;
+    let (_home, _other, gw) = with_a_mount().await;
     let mut msg = b"From: slow@example.org\r\nSubject: slow upload\r\n\r\n".to_vec();
     while msg.len() < 256 * 1024 {
         msg.extend_from_slice(&[b'x'; 78]);
