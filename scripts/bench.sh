@@ -470,6 +470,8 @@ start_gateway() {
 # admin port (BASE+20+k, BASE+40+k) on the same routing table.
 start_gateways() {
   local k conf
+  # Listener ports BASE+21.., admin ports BASE+41..: at most 19 extra processes fit between.
+  (($1 <= 20)) || die "$1 gateway processes: at most 20 (raise --idle-cap or the open-files limit)"
   start_gateway
   GW_PORTS=("$GW_PORT")
   GW_ADMIN_PORTS=("$GW_ADMIN_PORT")
