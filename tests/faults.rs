@@ -248,6 +248,20 @@ async fn backend_answering_the_login_with_garbage() {
     scene.check_and_stop().await;
 }
 
+/// FETCHes from a backend scripted with `DieMidFetch { size: 1000, sent: 400 }`. Inside a
+/// literal nothing more can be said (a BYE would read as message data): the client gets
+/// what the backend sent, then the connection closes.
+async fn fetch_is_cut_after_400_bytes(c: &mut Client) {
+    c.write(b"f1 FETCH 1 BODY[]\r\n").await;
+    let mut expected = b"* 1 FETCH (BODY[] {1000}\r\n".to_vec();
+    expected.resize(expected.len() + 400, b'x');
+    let got = c.read_to_end().await;
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(&expected)
+    );
+}
+
 #[tokio::test]
 async fn backend_dying_mid_fetch_literal() {
     let (addr, log) = fake::start_fault(Fault::DieMidFetch {
@@ -258,16 +272,7 @@ async fn backend_dying_mid_fetch_literal() {
     let scene = Scene::start(&faulty_backend(addr, ""), "").await;
     let mut c = Client::connect(scene.gw.addr).await;
     c.login("victim", "pw").await;
-    c.write(b"f1 FETCH 1 BODY[]\r\n").await;
-    // Inside a literal nothing more can be said: a BYE would read as message data. The
-    // client gets what the backend sent, then the connection closes.
-    let mut expected = b"* 1 FETCH (BODY[] {1000}\r\n".to_vec();
-    expected.resize(expected.len() + 400, b'x');
-    let got = c.read_to_end().await;
-    assert_eq!(
-        String::from_utf8_lossy(&got),
-        String::from_utf8_lossy(&expected)
-    );
+    fetch_is_cut_after_400_bytes(&mut c).await;
     assert_eq!(log.lock().unwrap().faulted, 1);
     drop(c);
     scene.check_and_stop().await;
@@ -669,14 +674,7 @@ async fn home_backend_of_a_session_with_mounts_dying_mid_fetch_literal() {
     let mut c = Client::connect(scene.gw.addr).await;
     c.login("victim", "pw").await;
     assert!(tagged_ok(&c.cmd("SELECT INBOX").await));
-    c.write(b"f1 FETCH 1 BODY[]\r\n").await;
-    let mut expected = b"* 1 FETCH (BODY[] {1000}\r\n".to_vec();
-    expected.resize(expected.len() + 400, b'x');
-    let got = c.read_to_end().await;
-    assert_eq!(
-        String::from_utf8_lossy(&got),
-        String::from_utf8_lossy(&expected)
-    );
+    fetch_is_cut_after_400_bytes(&mut c).await;
     assert_eq!(log.lock().unwrap().faulted, 1);
     drop(c);
     scene.check_and_stop().await;
@@ -698,14 +696,7 @@ async fn mounted_backend_dying_mid_fetch_literal_ends_the_session() {
     let mut c = Client::connect(scene.gw.addr).await;
     c.login("alice", "alicepw").await;
     assert!(tagged_ok(&c.cmd("SELECT Shared/x").await));
-    c.write(b"f1 FETCH 1 BODY[]\r\n").await;
-    let mut expected = b"* 1 FETCH (BODY[] {1000}\r\n".to_vec();
-    expected.resize(expected.len() + 400, b'x');
-    let got = c.read_to_end().await;
-    assert_eq!(
-        String::from_utf8_lossy(&got),
-        String::from_utf8_lossy(&expected)
-    );
+    fetch_is_cut_after_400_bytes(&mut c).await;
     assert_eq!(log.lock().unwrap().faulted, 1);
     drop(c);
     scene.check_and_stop().await;

@@ -12,11 +12,10 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use common::dovecot::{Dovecot, DovecotOptions, login_lines, wait_for_log};
 use common::gateway::{self, TestGateway};
-use common::imap::{Client, WAIT, tagged_ok};
+use common::imap::{Client, tagged_ok, tcp_from};
 use common::wait::until;
 use imap_gateway::config::{BackendAuthMode, Config, ListenerConfig};
 use imap_gateway::metrics::Limit;
-use tokio::net::TcpStream;
 
 const TOO_MANY: &str = "* BYE [UNAVAILABLE] Too many connections, try again later\r\n";
 const TOO_MANY_FROM_IP: &str =
@@ -30,18 +29,6 @@ async fn start(dovecot: &Dovecot, tweak: impl FnOnce(&mut Config)) -> TestGatewa
 
 fn hits(gw: &TestGateway, limit: Limit) -> u64 {
     gw.shared.metrics.limits.get(limit)
-}
-
-/// Connects to `addr` from the loopback address `source`.
-async fn tcp_from(source: [u8; 4], addr: SocketAddr) -> TcpStream {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::from((source, 0))).unwrap();
-    let tcp = tokio::time::timeout(WAIT, socket.connect(addr))
-        .await
-        .expect("connect timed out")
-        .expect("connect");
-    tcp.set_nodelay(true).unwrap();
-    tcp
 }
 
 async fn client_from(source: [u8; 4], addr: SocketAddr) -> Client {
@@ -534,6 +521,36 @@ async fn preauth_and_session_limits_are_counted() {
 /// A large APPEND literal is spliced socket to socket, outside the relay's read loop: a slow
 /// upload that keeps flowing for longer than the timer is activity, and the timer runs from
 /// its end; an upload that stops flowing is cut like any client quiet mid-command.
+/// A message over the splice threshold (64 KiB), for uploads that trickle.
+fn slow_upload() -> Vec<u8> {
+    let mut msg = b"From: slow@example.org\r\nSubject: slow upload\r\n\r\n".to_vec();
+    while msg.len() < 256 * 1024 {
+        msg.extend_from_slice(&[b'x'; 78]);
+        msg.extend_from_slice(b"\r\n");
+    }
+    msg
+}
+
+/// Sends an APPEND announcing `len` bytes and waits for the invitation to send them.
+async fn start_append(c: &mut Client, tag: &str, mailbox: &str, len: usize) {
+    c.write(format!("{tag} APPEND {mailbox} {{{len}}}\r\n").as_bytes())
+        .await;
+    let cont = line(c).await;
+    assert!(cont.starts_with("+ "), "{cont:?}");
+}
+
+/// APPENDs `msg` in twelve pieces a quarter timer period apart (three periods in all) and
+/// returns the answer.
+async fn upload_slowly(c: &mut Client, tag: &str, mailbox: &str, msg: &[u8]) -> String {
+    start_append(c, tag, mailbox, msg.len()).await;
+    for chunk in msg.chunks(msg.len().div_ceil(12)) {
+        c.write(chunk).await;
+        tokio::time::sleep(AUTOLOGOUT / 4).await;
+    }
+    c.write(b"\r\n").await;
+    c.until_tagged(tag).await
+}
+
 #[tokio::test]
 async fn autologout_and_spliced_literals() {
     let dovecot = Dovecot::start(DovecotOptions::default());
@@ -541,36 +558,17 @@ async fn autologout_and_spliced_literals() {
         c.timeouts.autologout_unchecked = Some(AUTOLOGOUT);
     })
     .await;
-    // Over the splice threshold (64 KiB), sent in pieces for about three timer periods.
-    let mut msg = b"From: slow@example.org\r\nSubject: slow upload\r\n\r\n".to_vec();
-    while msg.len() < 256 * 1024 {
-        msg.extend_from_slice(&[b'x'; 78]);
-        msg.extend_from_slice(b"\r\n");
-    }
+    let msg = slow_upload();
     let mut c = Client::connect(gw.addr).await;
     c.login("alice", "alicepw").await;
-    c.write(format!("a1 APPEND INBOX {{{}}}\r\n", msg.len()).as_bytes())
-        .await;
-    let cont = line(&mut c).await;
-    assert!(cont.starts_with("+ "), "{cont:?}");
-    let pieces = 12;
-    let piece = msg.len().div_ceil(pieces);
-    for chunk in msg.chunks(piece) {
-        c.write(chunk).await;
-        tokio::time::sleep(AUTOLOGOUT / 4).await;
-    }
-    c.write(b"\r\n").await;
-    let r = c.until_tagged("a1").await;
+    let r = upload_slowly(&mut c, "a1", "INBOX", &msg).await;
     assert!(tagged_ok(&r), "{r}");
     assert!(gw.shared.metrics.relay.spliced[0].get() > 0, "not spliced");
     // Right after the upload the session is alive: the timer restarted with it.
     assert!(tagged_ok(&c.cmd("NOOP").await));
 
     // An upload that stalls inside the spliced literal.
-    c.write(format!("a3 APPEND INBOX {{{}}}\r\n", msg.len()).as_bytes())
-        .await;
-    let cont = line(&mut c).await;
-    assert!(cont.starts_with("+ "), "{cont:?}");
+    start_append(&mut c, "a3", "INBOX", msg.len()).await;
     c.write(&msg[..msg.len() / 2]).await;
     let rest = String::from_utf8(c.read_to_end().await).unwrap();
     assert_eq!(rest, AUTOLOGOUT_BYE);
@@ -583,30 +581,14 @@ async fn autologout_and_spliced_literals() {
 #[tokio::test]
 async fn autologout_in_an_append_literal_to_a_mount() {
     let (_home, _other, gw) = with_a_mount().await;
-    let mut msg = b"From: slow@example.org\r\nSubject: slow upload\r\n\r\n".to_vec();
-    while msg.len() < 256 * 1024 {
-        msg.extend_from_slice(&[b'x'; 78]);
-        msg.extend_from_slice(b"\r\n");
-    }
+    let msg = slow_upload();
     let mut c = Client::connect(gw.addr).await;
     c.login("alice", "alicepw").await;
-    c.write(format!("a1 APPEND Other/Box {{{}}}\r\n", msg.len()).as_bytes())
-        .await;
-    let cont = line(&mut c).await;
-    assert!(cont.starts_with("+ "), "{cont:?}");
-    for chunk in msg.chunks(msg.len().div_ceil(12)) {
-        c.write(chunk).await;
-        tokio::time::sleep(AUTOLOGOUT / 4).await;
-    }
-    c.write(b"\r\n").await;
-    let r = c.until_tagged("a1").await;
+    let r = upload_slowly(&mut c, "a1", "Other/Box", &msg).await;
     assert!(tagged_ok(&r), "{r}");
     assert!(tagged_ok(&c.cmd("NOOP").await));
 
-    c.write(format!("a3 APPEND Other/Box {{{}}}\r\n", msg.len()).as_bytes())
-        .await;
-    let cont = line(&mut c).await;
-    assert!(cont.starts_with("+ "), "{cont:?}");
+    start_append(&mut c, "a3", "Other/Box", msg.len()).await;
     c.write(&msg[..msg.len() / 2]).await;
     let since = Instant::now();
     let rest = String::from_utf8(c.read_to_end().await).unwrap();

@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::process::Command;
 use std::task::{Context, Poll};
@@ -16,7 +15,7 @@ use std::time::Duration;
 use common::dovecot::{Dovecot, DovecotOptions, login_lines, wait_for_log};
 use common::fake;
 use common::gateway::{self, TestGateway};
-use common::imap::{Client, WAIT, tagged_ok};
+use common::imap::{Client, WAIT, tagged_ok, tcp_from};
 use common::tls::{TestCa, client_config};
 use common::wait::until;
 use imap_gateway::config::{ListenerConfig, ListenerMode};
@@ -75,18 +74,6 @@ fn v2(command: u8, family: u8, payload: &[u8]) -> Vec<u8> {
 
 fn v1(client: &str, front: &str) -> Vec<u8> {
     format!("PROXY TCP4 {client} {front} 51234 143\r\n").into_bytes()
-}
-
-/// Connects to `addr` from the loopback address `source`.
-async fn tcp_from(source: [u8; 4], addr: SocketAddr) -> TcpStream {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::from((source, 0))).unwrap();
-    let tcp = tokio::time::timeout(WAIT, socket.connect(addr))
-        .await
-        .expect("connect timed out")
-        .expect("connect");
-    tcp.set_nodelay(true).unwrap();
-    tcp
 }
 
 /// Logs in as alice after the greeting, selects INBOX and logs out.

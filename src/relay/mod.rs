@@ -294,8 +294,9 @@ pub async fn run(
     }
 }
 
-/// When the client last sent something. Atomic rather than a `Cell` only because it is
-/// borrowed across awaits in a future that must be `Send`; one task uses it.
+/// When the client last sent something or last got an answer: what the autologout counts
+/// from. Atomic rather than a `Cell` only because it is borrowed across awaits in a future
+/// that must be `Send`; both directions of one session, in one task, use it.
 struct Activity {
     base: tokio::time::Instant,
     /// Nanoseconds from `base`.
@@ -352,6 +353,23 @@ async fn idle_for(
             return;
         }
         timer.as_mut().reset(due);
+    }
+}
+
+/// The two sockets for the rest of the current literal when it can go by splice: splice is
+/// on, both legs are plain TCP, and enough of the literal is left to be worth a pipe.
+fn splice_legs<'s>(
+    opts: &RelayOptions,
+    framer: &Framer,
+    from: &'s ReadHalf<'_>,
+    to: &'s WriteHalf<'_>,
+) -> Option<(&'s tokio::net::TcpStream, &'s tokio::net::TcpStream, u64)> {
+    let left = framer
+        .literal_remaining()
+        .filter(|&left| opts.splice && left >= splice::MIN_SPLICE)?;
+    match (from, to) {
+        (ReadHalf::Plain(r), WriteHalf::Plain(w)) => Some((r.as_ref(), w.as_ref(), left)),
+        _ => None,
     }
 }
 
@@ -563,28 +581,18 @@ async fn upstream(
         progress
             .at_boundary
             .store(framer.at_message_start() && filled == 0, Ordering::Release);
-        if opts.splice
-            && swallow.is_none()
+        if swallow.is_none()
             && filled == 0
-            && let Some(left) = framer.literal_remaining()
-            && left >= splice::MIN_SPLICE
-            && let (ReadHalf::Plain(from), WriteHalf::Plain(to)) = (&*client, &*backend)
+            && let Some((from, to, left)) = splice_legs(opts, &framer, client, backend)
         {
             // The rest of an APPEND literal: the gateway has nothing to see in it.
             slot = None;
             let counters = &ctx.counters;
-            let transfer = splice::transfer(
-                from.as_ref(),
-                to.as_ref(),
-                left,
-                false,
-                opts.autologout,
-                |n| {
-                    counters.client_to_backend.inc_by(n as u64);
-                    counters.spliced[0].inc_by(n as u64);
-                    last_read.touch();
-                },
-            );
+            let transfer = splice::transfer(from, to, left, false, opts.autologout, |n| {
+                counters.client_to_backend.inc_by(n as u64);
+                counters.spliced[0].inc_by(n as u64);
+                last_read.touch();
+            });
             // A literal that stops flowing is the client gone quiet mid-command.
             let spliced = tokio::select! {
                 r = transfer => r,
@@ -763,26 +771,15 @@ async fn downstream(
             filled = 0;
         }
         buf::normalize(&mut slot, 0);
-        if opts.splice
-            && let Some(left) = framer.literal_remaining()
-            && left >= splice::MIN_SPLICE
-            && let (ReadHalf::Plain(from), WriteHalf::Plain(to)) = (&*backend, &*client)
-        {
+        if let Some((from, to, left)) = splice_legs(opts, &framer, backend, client) {
             // The rest of a message body (FETCH BODY[] and the like), not a safe point: the
             // stop and injection checks below wait for the end of the response anyway.
             slot = None;
             let counters = &ctx.counters;
-            match splice::transfer(
-                from.as_ref(),
-                to.as_ref(),
-                left,
-                true,
-                opts.client_send,
-                |n| {
-                    counters.backend_to_client.inc_by(n as u64);
-                    counters.spliced[1].inc_by(n as u64);
-                },
-            )
+            match splice::transfer(from, to, left, true, opts.client_send, |n| {
+                counters.backend_to_client.inc_by(n as u64);
+                counters.spliced[1].inc_by(n as u64);
+            })
             .await
             {
                 Ok(true) => {

@@ -15,6 +15,19 @@ pub const WAIT: Duration = Duration::from_secs(20);
 pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
+/// Connects to `addr` from the loopback address `source` (tests that need clients from
+/// several addresses: per-address limits, PROXY headers).
+pub async fn tcp_from(source: [u8; 4], addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from((source, 0))).unwrap();
+    let tcp = tokio::time::timeout(WAIT, socket.connect(addr))
+        .await
+        .expect("connect timed out")
+        .expect("connect");
+    tcp.set_nodelay(true).unwrap();
+    tcp
+}
+
 pub struct Client {
     io: BufReader<Box<dyn Io>>,
     next_tag: u32,
