@@ -27,6 +27,11 @@
 #   --gw-log LEVEL        the gateway's log level [info]
 #   --gw-perf TOML        extra lines for the gateway's [performance] section, e.g.
 #                         'splice = false' or 'worker_threads = 1' (to measure what they do)
+#   --pass-scheme S       the users' password scheme in Dovecot's passdb: PLAIN, or CRYPT
+#                         (bcrypt, what `doveadm pw` makes by default) [PLAIN]
+#   --dovecot-services P  tuned (long-lived login processes, reused imap processes) or
+#                         stock (Dovecot's defaults: a login and an imap process per
+#                         connection) [tuned]
 #   --out DIR             results directory [target/bench/<timestamp>]
 # Environment: BENCH_DIR (state: configs, mail, logs) [/var/tmp/imap-gateway-bench];
 # BENCH_PORT (first of the loopback ports: BENCH_PORT..+11, and +20.. for the extra gateway
@@ -56,6 +61,8 @@ SIZE=2000000
 REPEAT=1
 GW_LOG=info
 GW_PERF=
+PASS_SCHEME=PLAIN
+DOVECOT_SERVICES=tuned
 OUT=
 PASSWORD=benchpw
 MAIL_USER=imapgwbench
@@ -85,6 +92,8 @@ while [ $# -gt 0 ]; do
   --repeat) REPEAT=$2 ;;
   --gw-log) GW_LOG=$2 ;;
   --gw-perf) GW_PERF=$2 ;;
+  --pass-scheme) PASS_SCHEME=$2 ;;
+  --dovecot-services) DOVECOT_SERVICES=$2 ;;
   --out) OUT=$2 ;;
   *) die "unknown option $1 (see the head of $0)" ;;
   esac
@@ -92,6 +101,8 @@ while [ $# -gt 0 ]; do
 done
 
 [ "$(id -u)" -eq 0 ] || die "run this as root: sudo $0"
+case $PASS_SCHEME in PLAIN | CRYPT) ;; *) die "--pass-scheme: PLAIN or CRYPT, not $PASS_SCHEME" ;; esac
+case $DOVECOT_SERVICES in tuned | stock) ;; *) die "--dovecot-services: tuned or stock, not $DOVECOT_SERVICES" ;; esac
 
 BENCH_DIR=${BENCH_DIR:-/var/tmp/imap-gateway-bench}
 BASE=${BENCH_PORT:-21140}
@@ -266,6 +277,33 @@ MAIL_GID=$(id -g "$MAIL_USER")
 BIG_USERS=$FETCH_CLIENTS
 for l in ${LATENCY_CLIENTS//,/ }; do ((l > BIG_USERS)) && BIG_USERS=$l; done
 
+# The process settings of --dovecot-services: tuned, or Dovecot's own defaults (stock).
+login_services() {
+  [ "$DOVECOT_SERVICES" = tuned ] || {
+    echo "  # stock: Dovecot's defaults (a login process per connection)"
+    return
+  }
+  cat <<EOF2
+  # "High-performance mode": long-lived login processes, each with many clients.
+  service_count = 0
+  process_min_avail = 2
+  client_limit = 5000
+  process_limit = 8
+EOF2
+}
+imap_services() {
+  if [ "$DOVECOT_SERVICES" = tuned ]; then
+    cat <<EOF2
+  # Reuse imap processes instead of forking one per login (about 8 ms CPU each).
+  service_count = 1000
+  idle_kill = 30s
+EOF2
+  else
+    echo "  # stock: Dovecot's defaults (an imap process per login)"
+  fi
+  echo "  process_limit = 5000"
+}
+
 write_dovecot_conf() {
   local inst=$1 d=$BENCH_DIR/$1
   cat >"$d/dovecot.conf" <<EOF
@@ -330,18 +368,11 @@ service imap-login {
     port = ${TLS_PORT[$inst]}
     ssl = yes
   }
-  # "High-performance mode": long-lived login processes, each with many clients.
-  service_count = 0
-  process_min_avail = 2
-  client_limit = 5000
-  process_limit = 8
+$(login_services)
 }
 
 service imap {
-  # Reuse imap processes instead of forking one per login (about 8 ms CPU each).
-  service_count = 1000
-  process_limit = 5000
-  idle_kill = 30s
+$(imap_services)
   unix_listener imap-master {
     user = \$default_internal_user
   }
@@ -368,6 +399,12 @@ for inst in "${INSTANCES[@]}"; do
   say "seeding $inst: $USERS users, users 1..$BIG_USERS with $MESSAGES messages of $SIZE bytes"
   python3 "$HELPER" seed "$d" "$MAIL_UID" "$MAIL_GID" "$USERS" "$PASSWORD" "$BIG_USERS" \
     "$MESSAGES" "$SIZE"
+  if [ "$PASS_SCHEME" = CRYPT ]; then
+    # One hash for every user (same password): what each login verifies costs the same.
+    hash=$(/usr/bin/doveadm pw -s CRYPT -p "$PASSWORD")
+    awk -F: -v h="$hash" '{ print $1 ":" h }' "$d/users.passwd" >"$d/users.passwd.new"
+    mv "$d/users.passwd.new" "$d/users.passwd"
+  fi
   chown root:dovecot "$d/users.passwd"
   chmod 640 "$d/users.passwd"
   # A previous run that was killed hard may have left this instance running.
@@ -640,6 +677,7 @@ stop_gateway
 {
   echo "imap-gateway benchmark $STAMP on $(uname -srm), $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)"
   echo "gateway $(git -C "$REPO" describe --always --dirty 2>/dev/null || echo '?'), Dovecot $(/usr/sbin/dovecot --version), load average at start: $LOADAVG_START, open files limit $NOFILE"
+  echo "Dovecot services: $DOVECOT_SERVICES, password scheme: $PASS_SCHEME"
   echo
   python3 "$HELPER" report "$RESULTS"
 } | tee "$OUT/report.txt"
