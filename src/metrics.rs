@@ -265,6 +265,7 @@ pub struct Metrics {
     pub login_duration: HistogramVec,
     pub backend_connect_duration: HistogramVec,
     pub backend_connect_failures: IntCounterVec,
+    pub backend_dns_lookups: IntCounterVec,
     pub sessions_active: IntGaugeVec,
     pub sessions_ended: IntCounterVec,
     pub relay: Arc<RelayCounters>,
@@ -474,6 +475,12 @@ impl Metrics {
                 "backend_connect_failures_total",
                 "Failed backend connections or logins, by backend and reason.",
                 &["backend", "reason"],
+            )?,
+            backend_dns_lookups: counter_vec(
+                r,
+                "backend_dns_lookups_total",
+                "Backend host names needed for a connection, by result: cached (remembered answer), resolved (looked up), failed.",
+                &["result"],
             )?,
             sessions_active: gauge_vec(
                 r,

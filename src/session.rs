@@ -12,6 +12,7 @@ use tracing::{Instrument, debug, info, warn};
 use zeroize::Zeroizing;
 
 use crate::backend::passdb::PassDb;
+use crate::backend::resolve::Resolver;
 use crate::backend::{self, BackendCredentials, BackendError, ClientInfo};
 use crate::config::cidr::CidrError;
 use crate::config::{BackendAuthMode, Config};
@@ -47,6 +48,8 @@ pub struct Shared {
     pub users: Arc<UserLimiter>,
     /// Delays for addresses that failed to log in.
     pub penalty: AuthPenalty,
+    /// Backend host names to addresses, remembered for `performance.dns_ttl`.
+    pub resolver: Resolver,
     next_session: AtomicU64,
     /// Distinguishes this process's session ids from other replicas'.
     nonce: u32,
@@ -84,7 +87,12 @@ impl Shared {
             },
             metrics.auth_penalty_entries.clone(),
         );
+        let resolver = Resolver::new(
+            config.performance.dns_ttl,
+            Some(metrics.backend_dns_lookups.clone()),
+        );
         Ok(Self {
+            resolver,
             connections,
             users,
             penalty,
@@ -498,7 +506,7 @@ async fn backend_login(
     client: &ClientInfo,
 ) -> Result<backend::BackendSession, BackendError> {
     let started = std::time::Instant::now();
-    let result = backend::login(backend, creds, client, &timeouts(shared)).await;
+    let result = backend::login(backend, creds, client, &timeouts(shared), &shared.resolver).await;
     let m = &shared.metrics;
     match &result {
         Ok(_) => m

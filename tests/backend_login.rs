@@ -7,6 +7,7 @@ mod common;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use common::dovecot::{Dovecot, DovecotOptions, login_lines, wait_for_log};
 use common::gateway::{self, backend_toml};
@@ -404,4 +405,34 @@ async fn login_command_replay_when_backend_lacks_auth_plain() {
             format!("gw1 LOGIN \"eightbit\" {{{}+}}\r\n{pw}\r\n", pw.len()),
         ]
     );
+}
+
+/// A backend named by host name: looked up once and then remembered for
+/// `performance.dns_ttl` (one lookup, then cached answers); with a zero TTL, looked up at every
+/// login. Both against real Dovecot, so the remembered address is the one that works.
+#[tokio::test]
+async fn backend_host_names_are_looked_up_once_per_ttl() {
+    let dovecot = Dovecot::start(DovecotOptions::default());
+    let routing = format!(
+        "default_pool = [\"b\"]\n[[backends]]\nname = \"b\"\naddress = \"localhost:{}\"\n",
+        dovecot.addr().port()
+    );
+    for (ttl, resolved, cached) in [(Duration::from_secs(60), 1, 2), (Duration::ZERO, 3, 0)] {
+        let gw = gateway::start_with(&routing, |c, _| c.performance.dns_ttl = ttl).await;
+        for _ in 0..3 {
+            let mut client = Client::connect(gw.addr).await;
+            client.login("alice", "alicepw").await;
+            assert!(tagged_ok(&client.cmd("SELECT INBOX").await));
+            assert!(client.cmd("LOGOUT").await.contains("OK"));
+            drop(client);
+        }
+        let lookups = &gw.shared.metrics.backend_dns_lookups;
+        let count = |r: &str| lookups.with_label_values(&[r]).get();
+        assert_eq!(
+            (count("resolved"), count("cached"), count("failed")),
+            (resolved, cached, 0),
+            "dns_ttl {ttl:?}"
+        );
+        gw.stop().await;
+    }
 }

@@ -2,6 +2,7 @@
 //! with the client's credentials or master credentials, and the post-login capabilities.
 
 pub mod passdb;
+pub mod resolve;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -12,6 +13,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use zeroize::Zeroizing;
 
+use self::resolve::Resolver;
 use crate::proto::capability;
 use crate::proto::proxy;
 use crate::proto::response::{Status, capability_text, parse_status_line, push_quoted};
@@ -112,19 +114,21 @@ pub async fn logout(session: BackendSession, wait: Duration) {
     .await;
 }
 
-/// Connects to `backend` and logs in. The whole dialogue is bounded by the timeouts.
+/// Connects to `backend` (its host name resolved through `resolver`) and logs in. The whole
+/// dialogue is bounded by the timeouts.
 pub async fn login(
     backend: &Backend,
     creds: &BackendCredentials<'_>,
     client: &ClientInfo,
     timeouts: &Timeouts,
+    resolver: &Resolver,
 ) -> Result<BackendSession, BackendError> {
     let timeout = |_| BackendError::Timeout {
         backend: backend.name.clone(),
     };
     let tcp = tokio::time::timeout(
         timeouts.connect,
-        TcpStream::connect((backend.host.as_str(), backend.port)),
+        resolver.connect(&backend.host, backend.port),
     )
     .await
     .map_err(timeout)?

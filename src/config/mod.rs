@@ -414,6 +414,11 @@ pub struct PerformanceConfig {
     /// Move literal data between two plain TCP connections with splice(2), inside the
     /// kernel. Off: every byte passes through the gateway's buffers (as with TLS).
     pub splice: bool,
+    /// How long a backend host name's addresses are used before it is looked up again; 0
+    /// looks it up at every backend connection. An address that fails to connect is dropped
+    /// at once either way.
+    #[serde(with = "humantime_serde")]
+    pub dns_ttl: Duration,
 }
 
 impl Default for PerformanceConfig {
@@ -421,9 +426,15 @@ impl Default for PerformanceConfig {
         Self {
             worker_threads: 0,
             splice: true,
+            dns_ttl: DEFAULT_DNS_TTL,
         }
     }
 }
+
+/// Short enough that a backend moved to a new address (a rescheduled pod) is found within
+/// seconds even when its old address still answers; long enough that a login storm costs a
+/// handful of lookups per backend instead of one per login.
+pub const DEFAULT_DNS_TTL: Duration = Duration::from_secs(5);
 
 impl Config {
     /// Loads defaults, then `file` (if given), then the environment. Relative paths in the
