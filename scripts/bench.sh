@@ -11,6 +11,9 @@
 #   --login-clients N     login storm clients [32]
 #   --fetch-clients N     bulk fetch clients [8]
 #   --latency-clients L   comma list of client counts for the latency scenario [1,8]
+#   --latency-paced L     comma list of CLIENTS@RATE latency runs at a fixed command rate
+#                         (an open loop below saturation: the added latency at that load,
+#                         rather than the queueing of a saturated machine) [8@8000]
 #   --duration D          measurement time of login, fetch and latency [10s]
 #   --warmup D            load before measuring [2s]
 #   --idle L              comma list of idle session counts [1000,20000]
@@ -32,6 +35,9 @@
 #   --dovecot-services P  tuned (long-lived login processes, reused imap processes) or
 #                         stock (Dovecot's defaults: a login and an imap process per
 #                         connection) [tuned]
+#   --peers LIST          other proxies measured in the same run, in front of the same
+#                         Dovecots: dovecot-proxy (a third Dovecot in proxy mode), or none
+#                         [dovecot-proxy]
 #   --out DIR             results directory [target/bench/<timestamp>]
 # Environment: BENCH_DIR (state: configs, mail, logs) [/var/tmp/imap-gateway-bench];
 # BENCH_PORT (first of the loopback ports: BENCH_PORT..+11, and +20.. for the extra gateway
@@ -49,6 +55,7 @@ SCENARIOS=login,login-tls,fetch,latency,idle
 LOGIN_CLIENTS=32
 FETCH_CLIENTS=8
 LATENCY_CLIENTS=1,8
+LATENCY_PACED=8@8000
 DURATION=10s
 WARMUP=2s
 IDLE_COUNTS=1000,20000
@@ -63,6 +70,7 @@ GW_LOG=info
 GW_PERF=
 PASS_SCHEME=PLAIN
 DOVECOT_SERVICES=tuned
+PEERS=dovecot-proxy
 OUT=
 PASSWORD=benchpw
 MAIL_USER=imapgwbench
@@ -80,6 +88,7 @@ while [ $# -gt 0 ]; do
   --login-clients) LOGIN_CLIENTS=$2 ;;
   --fetch-clients) FETCH_CLIENTS=$2 ;;
   --latency-clients) LATENCY_CLIENTS=$2 ;;
+  --latency-paced) LATENCY_PACED=$2 ;;
   --duration) DURATION=$2 ;;
   --warmup) WARMUP=$2 ;;
   --idle) IDLE_COUNTS=$2 ;;
@@ -94,6 +103,7 @@ while [ $# -gt 0 ]; do
   --gw-perf) GW_PERF=$2 ;;
   --pass-scheme) PASS_SCHEME=$2 ;;
   --dovecot-services) DOVECOT_SERVICES=$2 ;;
+  --peers) PEERS=$2 ;;
   --out) OUT=$2 ;;
   *) die "unknown option $1 (see the head of $0)" ;;
   esac
@@ -103,6 +113,9 @@ done
 [ "$(id -u)" -eq 0 ] || die "run this as root: sudo $0"
 case $PASS_SCHEME in PLAIN | CRYPT) ;; *) die "--pass-scheme: PLAIN or CRYPT, not $PASS_SCHEME" ;; esac
 case $DOVECOT_SERVICES in tuned | stock) ;; *) die "--dovecot-services: tuned or stock, not $DOVECOT_SERVICES" ;; esac
+for p in ${PEERS//,/ }; do
+  case $p in dovecot-proxy | none) ;; *) die "--peers: dovecot-proxy or none, not $p" ;; esac
+done
 
 BENCH_DIR=${BENCH_DIR:-/var/tmp/imap-gateway-bench}
 BASE=${BENCH_PORT:-21140}
@@ -112,6 +125,11 @@ GW_ADMIN_PORT=$((BASE + 5))
 declare -A PORT=([bench-a]=$((BASE + 0)) [bench-b]=$((BASE + 1)))
 declare -A TLS_PORT=([bench-a]=$((BASE + 10)) [bench-b]=$((BASE + 11)))
 INSTANCES=(bench-a bench-b)
+# The peer: Dovecot in proxy mode in front of the same two instances.
+PEER_PORT=$((BASE + 6))
+PEER_TLS_PORT=$((BASE + 16))
+PEER_DIR=$BENCH_DIR/peer-dovecot
+want_peer() { [[ ",$PEERS," == *",dovecot-proxy,"* ]]; }
 
 # --- processes (no procps needed) ---------------------------------------------------------
 
@@ -152,6 +170,7 @@ greets() (
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 DOVECOT_PIDS=()
+PEER_PID=
 GW_PID=
 stop_gateway() {
   local pid
@@ -178,6 +197,7 @@ stop_dovecots() {
     wait "$pid" 2>/dev/null || true
   done
   DOVECOT_PIDS=()
+  PEER_PID=
 }
 cleanup() {
   local status=$?
@@ -276,6 +296,7 @@ MAIL_UID=$(id -u "$MAIL_USER")
 MAIL_GID=$(id -g "$MAIL_USER")
 BIG_USERS=$FETCH_CLIENTS
 for l in ${LATENCY_CLIENTS//,/ }; do ((l > BIG_USERS)) && BIG_USERS=$l; done
+for l in ${LATENCY_PACED//,/ }; do ((${l%@*} > BIG_USERS)) && BIG_USERS=${l%@*}; done
 
 # The process settings of --dovecot-services: tuned, or Dovecot's own defaults (stock).
 login_services() {
@@ -417,6 +438,68 @@ for inst in "${INSTANCES[@]}"; do
   fi
 done
 
+# The peer: a Dovecot that only proxies (Dovecot's "proxy mode", as mail operators deploy
+# it): its passdb gives each user the backend (by user number, as loadgen's direct runs
+# spread them) and it forwards the client's password and address (ID), tuned like the
+# backends (long-lived login processes, which do the proxying).
+write_peer_conf() {
+  local d=$PEER_DIR n port
+  mkdir -p "$d/run" "$d/state"
+  chmod 755 "$d"
+  cat >"$d/dovecot.conf" <<EOF
+# Written by scripts/bench.sh: Dovecot in proxy mode, the peer measured beside the gateway.
+base_dir = $d/run
+state_dir = $d/state
+instance_name = peer-dovecot
+login_greeting = Dovecot proxy ready
+protocols = imap
+listen = 127.0.0.1
+shutdown_clients = yes
+log_path = $d/dovecot.log
+info_log_path = $d/dovecot-info.log
+default_internal_user = dovecot
+default_login_user = dovenull
+ssl = yes
+ssl_cert = <$TLS/server.pem
+ssl_key = <$TLS/server.key
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+mail_max_userip_connections = 100000
+default_process_limit = 5000
+default_client_limit = 100000
+default_vsz_limit = 1G
+passdb {
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u $d/users.passwd
+}
+userdb {
+  driver = static
+  args = uid=$MAIL_UID gid=$MAIL_GID home=/nonexistent
+}
+service imap-login {
+  inet_listener imap {
+    address = 127.0.0.1
+    port = $PEER_PORT
+  }
+  inet_listener imaps {
+    address = 127.0.0.1
+    port = $PEER_TLS_PORT
+    ssl = yes
+  }
+$(login_services)
+}
+EOF
+  # Users 1..K, user n on the instance loadgen's direct runs give it (targets by n mod 2).
+  for ((n = 1; n <= USERS; n++)); do
+    if ((n % 2 == 0)); then port=${PORT[bench-a]}; else port=${PORT[bench-b]}; fi
+    echo "user$n:{PLAIN}$PASSWORD::::::proxy=y host=127.0.0.1 port=$port"
+  done >"$d/users.passwd"
+  chown root:dovecot "$d/users.passwd"
+  chmod 640 "$d/users.passwd"
+}
+
+want_peer && write_peer_conf
+
 # (Re)starts both instances: every repetition starts from fresh Dovecots, not from one still
 # busy thawing and reaping the thousands of sessions and processes of an idle run.
 start_dovecots() {
@@ -429,6 +512,16 @@ start_dovecots() {
     setsid /usr/sbin/dovecot -F -c "$d/dovecot.conf" </dev/null >"$d/dovecot.out" 2>&1 &
     DOVECOT_PIDS+=($!)
   done
+  if want_peer; then
+    say "starting the peer, Dovecot in proxy mode, on 127.0.0.1:$PEER_PORT (TLS $PEER_TLS_PORT)"
+    setsid /usr/sbin/dovecot -F -c "$PEER_DIR/dovecot.conf" </dev/null >"$PEER_DIR/dovecot.out" 2>&1 &
+    PEER_PID=$!
+    DOVECOT_PIDS+=("$PEER_PID")
+    wait_until 20 greets "$PEER_PORT" || {
+      cat "$PEER_DIR/dovecot.out" "$PEER_DIR/dovecot.log" >&2 || true
+      die "the Dovecot proxy did not start"
+    }
+  fi
   for inst in "${INSTANCES[@]}"; do
     d=$BENCH_DIR/$inst
     wait_until 20 greets "${PORT[$inst]}" ||
@@ -606,9 +699,17 @@ run() {
     [[ " $* " == *" --tls "* ]] && target=(--target "127.0.0.1:$GW_TLS_PORT")
     pid=(--pid "$GW_PID")
   fi
-  # Both Dovecots, whole process trees, in both modes: what the backends spent per unit.
+  if [ "$mode" = dovecot-proxy ]; then
+    target=(--target "127.0.0.1:$PEER_PORT")
+    [[ " $* " == *" --tls "* ]] && target=(--target "127.0.0.1:$PEER_TLS_PORT")
+    # Its work is done in its login processes: the whole tree, reaped children included.
+    pid=(--target-tree "$PEER_PID")
+  fi
+  # Both Dovecots, whole process trees, in every mode: what the backends spent per unit.
   local dpid
-  for dpid in "${DOVECOT_PIDS[@]}"; do pid+=(--backend-tree "$dpid"); done
+  for dpid in "${DOVECOT_PIDS[@]}"; do
+    [ "$dpid" = "$PEER_PID" ] || pid+=(--backend-tree "$dpid")
+  done
   say "$case/$mode/$rep: loadgen ${target[*]} $*"
   if ! json=$("$LOADGEN" "${target[@]}" "${pid[@]}" --label "$case/$mode/$rep" \
     --password "$PASSWORD" "$@"); then
@@ -628,26 +729,37 @@ both() {
   run "$1" gateway "$2" "${@:3}"
 }
 
+# Direct, the gateway, and the peers (login, fetch, latency).
+with_peers() {
+  both "$@"
+  if want_peer; then run "$1" dovecot-proxy "$2" "${@:3}"; fi
+}
+
 common=(--duration "$DURATION" --warmup "$WARMUP")
 for ((rep = 1; rep <= REPEAT; rep++)); do
   start_dovecots
   for s in ${SCENARIOS//,/ }; do
     case $s in
     login)
-      both login-plain "$rep" --scenario login --clients "$LOGIN_CLIENTS" --user-count "$USERS" \
+      with_peers login-plain "$rep" --scenario login --clients "$LOGIN_CLIENTS" --user-count "$USERS" \
         --src-ips 64 "${common[@]}"
       ;;
     login-tls)
-      both login-tls "$rep" --scenario login --tls --ca "$TLS/ca.pem" --clients "$LOGIN_CLIENTS" \
+      with_peers login-tls "$rep" --scenario login --tls --ca "$TLS/ca.pem" --clients "$LOGIN_CLIENTS" \
         --user-count "$USERS" --src-ips 64 "${common[@]}"
       ;;
     fetch)
-      both fetch "$rep" --scenario fetch --clients "$FETCH_CLIENTS" --user-count "$FETCH_CLIENTS" \
+      with_peers fetch "$rep" --scenario fetch --clients "$FETCH_CLIENTS" --user-count "$FETCH_CLIENTS" \
         "${common[@]}"
       ;;
     latency)
       for c in ${LATENCY_CLIENTS//,/ }; do
-        both "latency-$c" "$rep" --scenario latency --clients "$c" --user-count "$c" "${common[@]}"
+        with_peers "latency-$c" "$rep" --scenario latency --clients "$c" --user-count "$c" "${common[@]}"
+      done
+      for cr in ${LATENCY_PACED//,/ }; do
+        c=${cr%@*} r=${cr#*@}
+        with_peers "latency-$c-at-$r" "$rep" --scenario latency --clients "$c" --user-count "$c" \
+          --rate "$r" "${common[@]}"
       done
       ;;
     idle)

@@ -97,6 +97,23 @@ def fmt(x, digits=2):
     return str(x)
 
 
+def peer_lines(case, rep, modes, d, metric, unit, cpu_key):
+    """The other proxies of the same repetition, against the same direct run."""
+    lines = []
+    for peer, p in sorted(modes.items()):
+        if peer in ("direct", "gateway"):
+            continue
+        pv = p.get(metric)
+        dv = d.get(metric) if d else None
+        lines.append(
+            f"{'':<14}   peer {peer:<14} {fmt(pv, 1):>8} {unit:<9} ratio {fmt(pv / dv if pv and dv else None)}"
+            f"  CPU {fmt(p.get(cpu_key), 3)} ms/{'MB' if unit == 'MB/s' else 'login'}"
+            f"  Dovecot CPU {fmt(p.get(cpu_key.replace('target', 'backend')), 3)}"
+            f"  errors {p['errors']['count']}  busy CPUs {fmt(p.get('host_busy_cpus'), 1)}"
+        )
+    return lines
+
+
 def report(path):
     rows = [json.loads(l) for l in open(path) if l.strip().startswith("{")]
     # label = case/mode/rep
@@ -132,6 +149,7 @@ def report(path):
                     f"  busy CPUs {fmt((d or {}).get('host_busy_cpus'), 1)}/{fmt((g or {}).get('host_busy_cpus'), 1)}"
                     f"   [{TARGETS.get(case, '')}]"
                 )
+                out.extend(peer_lines(case, rep, by_case[case][rep], d, metric, unit, cpu_key))
             elif kind == "latency":
                 for cmd in ("noop", "uid_fetch_flags"):
                     dl = (d or {}).get("latency_us", {}).get(cmd)
@@ -148,6 +166,14 @@ def report(path):
                         f"  errors {d['errors']['count']}/{g['errors']['count']}"
                         f"  busy CPUs {fmt(d.get('host_busy_cpus'), 1)}/{fmt(g.get('host_busy_cpus'), 1)}"
                     )
+                    for peer, p in sorted(by_case[case][rep].items()):
+                        pl = p.get("latency_us", {}).get(cmd) if peer not in ("direct", "gateway") else None
+                        if pl:
+                            out.append(
+                                f"{'':<14}   peer {peer}: {pl['p50']}/{pl['p99']}/{pl['p999']} us"
+                                f"  added p50 {pl['p50'] - dl['p50']:+d} us p99 {pl['p99'] - dl['p99']:+d} us"
+                                f"  CPU {fmt(p.get('target_cpu_ms_per_op'), 4)} ms/cmd  errors {p['errors']['count']}"
+                            )
             elif kind == "idle":
                 for mode, r in (("direct", d), ("gateway", g)):
                     if not r:

@@ -104,6 +104,11 @@ struct Args {
     /// Target process to sample (CPU time and VmRSS from /proc); repeat to sum several.
     #[arg(long)]
     pid: Vec<u32>,
+    /// Target server to sample as a whole process tree, with children that ended (a
+    /// proxy that works in child processes, like Dovecot's login processes); its CPU is
+    /// added to the target's. Login, fetch, latency.
+    #[arg(long)]
+    target_tree: Vec<u32>,
     /// Backend server to sample: this process and all its descendants, with children that
     /// ended (a Dovecot master's pid); repeat for several servers. Login, fetch, latency.
     #[arg(long)]
@@ -129,6 +134,12 @@ struct Args {
     /// only; 0 = kernel's choice). Each source address has its own ~28k ephemeral ports.
     #[arg(long, default_value_t = 0)]
     src_ips: u32,
+    /// Login, fetch and latency: operations per second over all clients, each client taking
+    /// its turn on a fixed schedule (an open loop below saturation, for cost and latency at
+    /// a given load). Without it each client starts its next operation at once (closed
+    /// loop: the machine's limit).
+    #[arg(long)]
+    rate: Option<f64>,
     /// Runtime worker threads (1 = a current-thread runtime).
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -227,12 +238,28 @@ fn micros(d: Duration) -> u32 {
     d.as_micros().min(u128::from(u32::MAX)) as u32
 }
 
+/// A client's schedule under `--rate`: its share of the rate, the clients' turns spread
+/// evenly over one period. A client that falls behind starts late rather than bunching
+/// its missed turns (`Delay`), so an overloaded server is not hit by bursts.
+fn pace(ctx: &Ctx, client: u32) -> Option<tokio::time::Interval> {
+    let rate = ctx.args.rate.filter(|r| *r > 0.0)?;
+    let period = Duration::from_secs_f64(f64::from(ctx.args.clients) / rate);
+    let offset = period.mul_f64(f64::from(client) / f64::from(ctx.args.clients));
+    let mut i = tokio::time::interval_at(Instant::now() + offset, period);
+    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    Some(i)
+}
+
 /// Login storm: one connection per login.
 async fn login_client(ctx: Arc<Ctx>, client: u32) -> Tally {
     let mut t = Tally::default();
     let clients = u64::from(ctx.args.clients);
     let mut iter = 0u64;
+    let mut pace = pace(&ctx, client);
     while !ctx.stopped() && ctx.ticket() {
+        if let Some(p) = pace.as_mut() {
+            p.tick().await;
+        }
         let i = u64::from(client) + iter * clients;
         iter += 1;
         let began = Instant::now();
@@ -294,8 +321,12 @@ async fn session_client(ctx: Arc<Ctx>, client: u32) -> Tally {
         }
         // Clients start at different messages.
         let mut next = client as usize % cmds.len();
+        let mut pace = pace(&ctx, client);
         let result: Result<()> = async {
             while !ctx.stopped() && ctx.ticket() {
+                if let Some(p) = pace.as_mut() {
+                    p.tick().await;
+                }
                 let (kind, cmd) = &cmds[next];
                 next = (next + 1) % cmds.len();
                 let began = Instant::now();
@@ -377,7 +408,9 @@ fn base_json(ctx: &Ctx, nofile: u64) -> serde_json::Map<String, Value> {
     m.insert("target".into(), json!(targets.join(",")));
     m.insert("tls".into(), json!(a.tls));
     m.insert("clients".into(), json!(a.clients));
+    m.insert("rate".into(), json!(a.rate));
     m.insert("pids".into(), json!(a.pid));
+    m.insert("target_trees".into(), json!(a.target_tree));
     m.insert("nofile_limit".into(), json!(nofile));
     m
 }
@@ -386,7 +419,8 @@ fn base_json(ctx: &Ctx, nofile: u64) -> serde_json::Map<String, Value> {
 async fn run_load(ctx: Arc<Ctx>, nofile: u64) -> Result<Value> {
     let pids = ctx.args.pid.clone();
     let trees = ctx.args.backend_tree.clone();
-    let before = Sample::take(&pids, &trees)?;
+    let ttrees = ctx.args.target_tree.clone();
+    let before = Sample::take(&pids, &ttrees, &trees)?;
     let mut set = JoinSet::new();
     for client in 0..ctx.args.clients {
         let ctx = ctx.clone();
@@ -401,12 +435,12 @@ async fn run_load(ctx: Arc<Ctx>, nofile: u64) -> Result<Value> {
         (s1, t1) = (before, ctx.measure_start);
     } else {
         tokio::time::sleep_until(ctx.measure_start).await;
-        (s1, t1) = (Sample::take(&pids, &trees)?, Instant::now());
+        (s1, t1) = (Sample::take(&pids, &ttrees, &trees)?, Instant::now());
         tokio::time::sleep_until(ctx.measure_end).await;
     }
     let mut tally = Tally::default();
     if ctx.args.count.is_none() {
-        (s2, t2) = (Sample::take(&pids, &trees)?, Instant::now());
+        (s2, t2) = (Sample::take(&pids, &ttrees, &trees)?, Instant::now());
         ctx.stop.store(true, Ordering::Relaxed);
         let deadline = Instant::now() + Duration::from_secs(30);
         while let Ok(Some(r)) = tokio::time::timeout_at(deadline, set.join_next()).await {
@@ -421,7 +455,7 @@ async fn run_load(ctx: Arc<Ctx>, nofile: u64) -> Result<Value> {
                 tally.add(t);
             }
         }
-        (s2, t2) = (Sample::take(&pids, &trees)?, Instant::now());
+        (s2, t2) = (Sample::take(&pids, &ttrees, &trees)?, Instant::now());
     }
 
     let secs = (t2 - t1).as_secs_f64();
@@ -503,7 +537,7 @@ async fn run_idle(ctx: Arc<Ctx>, nofile: u64) -> Result<Value> {
     let pids = ctx.args.pid.clone();
     let n = ctx.args.clients;
     let hold = ctx.args.duration.unwrap_or(Duration::from_secs(10));
-    let before = Sample::take(&pids, &[])?;
+    let before = Sample::take(&pids, &[], &[])?;
     let self_rss_before = stats::proc_rss_kb(std::process::id()).unwrap_or(0);
     let idling = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -577,19 +611,19 @@ async fn run_idle(ctx: Arc<Ctx>, nofile: u64) -> Result<Value> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let ramp_s = (Instant::now() - ramp_start).as_secs_f64();
-    let after_ramp = Sample::take(&pids, &[])?;
+    let after_ramp = Sample::take(&pids, &[], &[])?;
     tokio::time::sleep(ctx.args.warmup).await;
-    let hold_start = Sample::take(&pids, &[])?;
+    let hold_start = Sample::take(&pids, &[], &[])?;
     let self_rss_idle = stats::proc_rss_kb(std::process::id()).unwrap_or(0);
     let idle_now = idling.load(Ordering::Relaxed);
     tokio::time::sleep(hold).await;
-    let hold_end = Sample::take(&pids, &[])?;
+    let hold_end = Sample::take(&pids, &[], &[])?;
     let idle_at_end = idling.load(Ordering::Relaxed) - dropped.load(Ordering::Relaxed);
     let _ = stop_tx.send(true);
     let deadline = Instant::now() + Duration::from_secs(120);
     while let Ok(Some(_)) = tokio::time::timeout_at(deadline, set.join_next()).await {}
     set.abort_all();
-    let end = Sample::take(&pids, &[])?;
+    let end = Sample::take(&pids, &[], &[])?;
 
     let sessions = idle_now as f64;
     let mut m = base_json(&ctx, nofile);

@@ -149,7 +149,10 @@ pub struct Sample {
 }
 
 impl Sample {
-    pub fn take(pids: &[u32], trees: &[u32]) -> Result<Sample> {
+    /// `pids`: target processes (CPU and RSS); `target_trees`: target servers whose work is
+    /// done in child processes (a Dovecot proxy), CPU only, added to the target's;
+    /// `trees`: the backends.
+    pub fn take(pids: &[u32], target_trees: &[u32], trees: &[u32]) -> Result<Sample> {
         let backend_cpu_s = if trees.is_empty() {
             None
         } else {
@@ -165,6 +168,9 @@ impl Sample {
             }
             cpu = Some(c);
             rss = Some(r);
+        }
+        if !target_trees.is_empty() {
+            cpu = Some(cpu.unwrap_or(0.0) + tree_cpu_s(target_trees)?);
         }
         let (host_busy_s, host_nice_s) = host_cpu_s();
         Ok(Sample {
