@@ -36,8 +36,8 @@
 #                         stock (Dovecot's defaults: a login and an imap process per
 #                         connection) [tuned]
 #   --peers LIST          other proxies measured in the same run, in front of the same
-#                         Dovecots: dovecot-proxy (a third Dovecot in proxy mode), or none
-#                         [dovecot-proxy]
+#                         Dovecots: dovecot-proxy (a third Dovecot in proxy mode), nginx
+#                         (nginx's mail proxy), or none [dovecot-proxy,nginx]
 #   --out DIR             results directory [target/bench/<timestamp>]
 # Environment: BENCH_DIR (state: configs, mail, logs) [/var/tmp/imap-gateway-bench];
 # BENCH_PORT (first of the loopback ports: BENCH_PORT..+11, and +20.. for the extra gateway
@@ -70,7 +70,7 @@ GW_LOG=info
 GW_PERF=
 PASS_SCHEME=PLAIN
 DOVECOT_SERVICES=tuned
-PEERS=dovecot-proxy
+PEERS=dovecot-proxy,nginx
 OUT=
 PASSWORD=benchpw
 MAIL_USER=imapgwbench
@@ -114,7 +114,7 @@ done
 case $PASS_SCHEME in PLAIN | CRYPT) ;; *) die "--pass-scheme: PLAIN or CRYPT, not $PASS_SCHEME" ;; esac
 case $DOVECOT_SERVICES in tuned | stock) ;; *) die "--dovecot-services: tuned or stock, not $DOVECOT_SERVICES" ;; esac
 for p in ${PEERS//,/ }; do
-  case $p in dovecot-proxy | none) ;; *) die "--peers: dovecot-proxy or none, not $p" ;; esac
+  case $p in dovecot-proxy | nginx | none) ;; *) die "--peers: dovecot-proxy, nginx or none, not $p" ;; esac
 done
 
 BENCH_DIR=${BENCH_DIR:-/var/tmp/imap-gateway-bench}
@@ -130,6 +130,12 @@ PEER_PORT=$((BASE + 6))
 PEER_TLS_PORT=$((BASE + 16))
 PEER_DIR=$BENCH_DIR/peer-dovecot
 want_peer() { [[ ",$PEERS," == *",dovecot-proxy,"* ]]; }
+# The other peer: nginx's mail proxy, with its auth_http answered by its own http server.
+NGINX_PORT=$((BASE + 7))
+NGINX_TLS_PORT=$((BASE + 17))
+NGINX_AUTH_PORT=$((BASE + 8))
+NGINX_DIR=$BENCH_DIR/peer-nginx
+want_nginx() { [[ ",$PEERS," == *",nginx,"* ]]; }
 
 # --- processes (no procps needed) ---------------------------------------------------------
 
@@ -171,6 +177,15 @@ port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 DOVECOT_PIDS=()
 PEER_PID=
+NGINX_PID=
+stop_nginx() {
+  if [ -n "$NGINX_PID" ] && alive "$NGINX_PID"; then
+    kill -TERM "$NGINX_PID" 2>/dev/null || true
+    wait_until 10 dead "$NGINX_PID" || kill -KILL -- "-$NGINX_PID" 2>/dev/null || true
+    wait "$NGINX_PID" 2>/dev/null || true
+  fi
+  NGINX_PID=
+}
 GW_PID=
 stop_gateway() {
   local pid
@@ -203,6 +218,7 @@ cleanup() {
   local status=$?
   trap - EXIT INT TERM HUP
   stop_gateway
+  stop_nginx
   stop_dovecots
   if [ -n "${INOTIFY_OLD:-}" ] && [ "$(cat "$INOTIFY")" != "$INOTIFY_OLD" ]; then
     echo "$INOTIFY_OLD" >"$INOTIFY" || true
@@ -218,6 +234,10 @@ trap 'exit 129' HUP
 
 missing=()
 [ -x /usr/sbin/dovecot ] || missing+=(dovecot-imapd)
+if want_nginx; then
+  [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+  [ -e /usr/lib/nginx/modules/ngx_mail_module.so ] || missing+=(libnginx-mod-mail)
+fi
 command -v openssl >/dev/null || missing+=(openssl)
 command -v python3 >/dev/null || missing+=(python3)
 command -v cc >/dev/null || missing+=(gcc libc6-dev)
@@ -500,6 +520,78 @@ EOF
 
 want_peer && write_peer_conf
 
+# nginx's mail proxy as its documentation sets it up: auth_http says where each user goes
+# (here its own http server, by the user number's parity, as the direct runs spread them;
+# a real deployment asks an external service, which costs more), then nginx logs in on
+# the backend with the client's credentials and relays.
+write_nginx_conf() {
+  local d=$NGINX_DIR
+  mkdir -p "$d/tmp"
+  cat >"$d/nginx.conf" <<EOF
+# Written by scripts/bench.sh: nginx's mail proxy, a peer measured beside the gateway.
+load_module /usr/lib/nginx/modules/ngx_mail_module.so;
+daemon off;
+worker_processes auto;
+worker_rlimit_nofile 20000;
+pid $d/nginx.pid;
+error_log $d/error.log warn;
+events {
+  worker_connections 10000;
+}
+http {
+  access_log off;
+  client_body_temp_path $d/tmp;
+  proxy_temp_path $d/tmp;
+  fastcgi_temp_path $d/tmp;
+  uwsgi_temp_path $d/tmp;
+  scgi_temp_path $d/tmp;
+  map \$http_auth_user \$backend_port {
+    ~[02468]\$ ${PORT[bench-a]};
+    default ${PORT[bench-b]};
+  }
+  server {
+    listen 127.0.0.1:$NGINX_AUTH_PORT;
+    location = /auth {
+      add_header Auth-Status OK;
+      add_header Auth-Server 127.0.0.1;
+      add_header Auth-Port \$backend_port;
+      return 204;
+    }
+  }
+}
+mail {
+  server_name localhost;
+  auth_http 127.0.0.1:$NGINX_AUTH_PORT/auth;
+  proxy_pass_error_message on;
+  imap_capabilities IMAP4rev1 LITERAL+ SASL-IR ID IDLE;
+  ssl_certificate $TLS/server.pem;
+  ssl_certificate_key $TLS/server.key;
+  server {
+    listen 127.0.0.1:$NGINX_PORT;
+    protocol imap;
+    imap_auth plain login;
+  }
+  server {
+    listen 127.0.0.1:$NGINX_TLS_PORT ssl;
+    protocol imap;
+    imap_auth plain login;
+  }
+}
+EOF
+}
+want_nginx && write_nginx_conf
+
+start_nginx() {
+  stop_nginx
+  say "starting the peer nginx (mail proxy) on 127.0.0.1:$NGINX_PORT (TLS $NGINX_TLS_PORT)"
+  setsid /usr/sbin/nginx -c "$NGINX_DIR/nginx.conf" </dev/null >"$NGINX_DIR/nginx.out" 2>&1 &
+  NGINX_PID=$!
+  wait_until 10 greets "$NGINX_PORT" || {
+    cat "$NGINX_DIR/nginx.out" "$NGINX_DIR/error.log" >&2 || true
+    die "nginx did not start"
+  }
+}
+
 # (Re)starts both instances: every repetition starts from fresh Dovecots, not from one still
 # busy thawing and reaping the thousands of sessions and processes of an idle run.
 start_dovecots() {
@@ -699,6 +791,11 @@ run() {
     [[ " $* " == *" --tls "* ]] && target=(--target "127.0.0.1:$GW_TLS_PORT")
     pid=(--pid "$GW_PID")
   fi
+  if [ "$mode" = nginx ]; then
+    target=(--target "127.0.0.1:$NGINX_PORT")
+    [[ " $* " == *" --tls "* ]] && target=(--target "127.0.0.1:$NGINX_TLS_PORT")
+    pid=(--target-tree "$NGINX_PID")
+  fi
   if [ "$mode" = dovecot-proxy ]; then
     target=(--target "127.0.0.1:$PEER_PORT")
     [[ " $* " == *" --tls "* ]] && target=(--target "127.0.0.1:$PEER_TLS_PORT")
@@ -733,11 +830,13 @@ both() {
 with_peers() {
   both "$@"
   if want_peer; then run "$1" dovecot-proxy "$2" "${@:3}"; fi
+  if want_nginx; then run "$1" nginx "$2" "${@:3}"; fi
 }
 
 common=(--duration "$DURATION" --warmup "$WARMUP")
 for ((rep = 1; rep <= REPEAT; rep++)); do
   start_dovecots
+  if want_nginx; then start_nginx; fi
   for s in ${SCENARIOS//,/ }; do
     case $s in
     login)
