@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use super::conn::Answer;
 use super::names::{self, is_inbox};
 use super::{End, Murder, Slot, Step};
 use crate::proto::args::{self, Item, LiteralForm, Value};
@@ -182,7 +183,7 @@ impl Murder<'_> {
         let mut whole_asked = vec![false; self.mounts.len()];
         let mut home_failed = None;
         for q in &queries {
-            let answers = match self.collect(q.conn, &q.tag).await {
+            let answer = match self.collect(q.conn, &q.tag).await {
                 Ok(a) => a,
                 Err(()) => {
                     if q.conn == 0 {
@@ -198,13 +199,12 @@ impl Murder<'_> {
                     continue;
                 }
             };
-            let (tagged, untagged) = answers;
             // Anything but the entries is an update of the selected mailbox, or nothing.
-            let (untagged, others): (Vec<_>, Vec<_>) = untagged
-                .into_iter()
+            let (untagged, others): (Vec<&[u8]>, Vec<&[u8]>) = answer
+                .untagged()
                 .partition(|m| args::head(m).is_some_and(|(_, w, _)| w.eq_ignore_ascii_case(word)));
-            self.pass_updates(q.conn, others).await?;
-            let st = parse_status_line(&tagged).map(|s| (s.status, s.text.to_owned()));
+            self.pass_updates(q.conn, others.into_iter()).await?;
+            let st = parse_status_line(&answer.tagged).map(|s| (s.status, s.text.to_owned()));
             if q.conn == 0 && !matches!(st, Some((Status::Ok, _))) {
                 let (stat, text) = match st {
                     Some((Status::Bad, t)) => ("BAD", t),
@@ -227,10 +227,10 @@ impl Murder<'_> {
                 whole_asked[m] = q.whole;
             }
             for msg in untagged {
-                let Some((_, _, off)) = args::head(&msg) else {
+                let Some((_, _, off)) = args::head(msg) else {
                     continue;
                 };
-                let Some((attrs, bname)) = parse_list_entry(&msg, off) else {
+                let Some((attrs, bname)) = parse_list_entry(msg, off) else {
                     continue;
                 };
                 match q.mount {
@@ -379,11 +379,7 @@ impl Murder<'_> {
     }
 
     /// Reads conn `i`'s answer to `tag` (see [`super::conn::answer`]).
-    pub(super) async fn collect(
-        &mut self,
-        i: usize,
-        tag: &str,
-    ) -> Result<(Vec<u8>, Vec<Vec<u8>>), ()> {
+    pub(super) async fn collect(&mut self, i: usize, tag: &str) -> Result<Answer, ()> {
         let conn = self.up(i).ok_or(())?;
         super::conn::answer(conn, tag).await.map_err(drop)
     }
