@@ -4,7 +4,7 @@
 //! (mount points, `\HasChildren` fix-ups) and written back.
 //!
 //! Why it matters: mail clients LIST the whole tree at every start and often on every sync,
-//! and the merge runs per entry (parse, name translation, pattern match, sorted insert), so
+//! and the merge runs per entry (parse, name translation, pattern match; one sort at the end), so
 //! it is the costliest thing a murder session does without moving message data.
 //!
 //! The merge is not a function of its own (it is interleaved with reading the backends'

@@ -63,28 +63,81 @@ pub(super) struct BackendSlot {
 /// (a LIST of some 100,000 mailboxes); the rest is read and dropped, and the answer fails.
 const MAX_COLLECTED: usize = 16 << 20;
 
-/// Reads `conn`'s answer to `tag`: the tagged line and the untagged responses before it.
-/// Fails when the connection does, when the server says BYE, or when the answer is too big
-/// to hold (it is still read to its end, so the connection stays usable).
-pub(super) async fn answer(
+/// A backend's answer to a command of the gateway's own: the tagged line and the untagged
+/// responses before it. The untagged ones are kept back to back in one buffer, which grows by
+/// doubling: a LIST answer of 100,000 mailboxes costs a few dozen allocations, not 100,000.
+#[derive(Default)]
+pub(super) struct Answer {
+    pub(super) tagged: Vec<u8>,
+    untagged: Vec<u8>,
+    /// Where each untagged response ends in `untagged`.
+    ends: Vec<usize>,
+}
+
+impl Answer {
+    /// The untagged responses, in the order they came.
+    pub(super) fn untagged(&self) -> impl Iterator<Item = &[u8]> {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts
+            .zip(self.ends.iter().copied())
+            .map(|(start, end)| &self.untagged[start..end])
+    }
+
+    /// Empties the answer and keeps its buffers for the next one.
+    fn clear(&mut self) {
+        self.tagged.clear();
+        self.untagged.clear();
+        self.ends.clear();
+    }
+}
+
+/// Reads `conn`'s answer to `tag` (see [`answer_into`]).
+pub(super) async fn answer(conn: &mut Conn, tag: &str) -> Result<Answer, WireError> {
+    let mut answer = Answer::default();
+    answer_into(conn, tag, &mut answer).await?;
+    Ok(answer)
+}
+
+/// Reads `conn`'s answer to `tag` into `into`, replacing what it held: the tagged line and
+/// the untagged responses before it. Fails when the connection does, when the server says
+/// BYE, or when the answer is too big to hold (it is still read to its end, so the
+/// connection stays usable).
+pub(super) async fn answer_into(
     conn: &mut Conn,
     tag: &str,
-) -> Result<(Vec<u8>, Vec<Vec<u8>>), WireError> {
-    let mut untagged = Vec::new();
-    let mut held = 0usize;
+    into: &mut Answer,
+) -> Result<(), WireError> {
+    /// What to do once the message is consumed.
+    enum Next {
+        Read,
+        Done,
+        Bye,
+    }
+    into.clear();
     loop {
-        let msg = conn.wire.whole(MAX_REWRITTEN).await?;
-        match args::head(&msg) {
-            Some((t, _, _)) if t == tag.as_bytes() && held > MAX_COLLECTED => {
-                return Err(WireError::TooLong(MAX_COLLECTED));
+        let len = conn.wire.peek_whole(MAX_REWRITTEN).await?;
+        let msg = &conn.wire.buffered()[..len];
+        let held = into.untagged.len();
+        // The message is copied where it is kept, straight from the read buffer.
+        let next = match args::head(msg) {
+            Some((t, _, _)) if t == tag.as_bytes() => {
+                into.tagged.extend_from_slice(msg);
+                Next::Done
             }
-            Some((t, _, _)) if t == tag.as_bytes() => return Ok((msg, untagged)),
-            Some((b"*", w, _)) if w.eq_ignore_ascii_case(b"BYE") => return Err(WireError::Closed),
+            Some((b"*", w, _)) if w.eq_ignore_ascii_case(b"BYE") => Next::Bye,
             Some((b"*", _, _)) if held <= MAX_COLLECTED => {
-                held += msg.len();
-                untagged.push(msg);
+                into.untagged.extend_from_slice(msg);
+                into.ends.push(into.untagged.len());
+                Next::Read
             }
-            _ => {}
+            _ => Next::Read,
+        };
+        conn.wire.consume(len);
+        match next {
+            Next::Read => {}
+            Next::Done if held > MAX_COLLECTED => return Err(WireError::TooLong(MAX_COLLECTED)),
+            Next::Done => return Ok(()),
+            Next::Bye => return Err(WireError::Closed),
         }
     }
 }
@@ -100,8 +153,8 @@ pub(super) async fn discover_delimiter(conn: &mut Conn) -> Result<Option<u8>, Wi
     conn.wire
         .write(format!("{tag} LIST \"\" \"\"\r\n").as_bytes())
         .await?;
-    let (_, untagged) = answer(conn, &tag).await?;
-    Ok(untagged.iter().find_map(|msg| {
+    let answer = answer(conn, &tag).await?;
+    Ok(answer.untagged().find_map(|msg| {
         let (_, word, off) = args::head(msg)?;
         let items = args::parse(msg, off).ok()?;
         let d = items.get(1)?;

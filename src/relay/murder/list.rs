@@ -2,9 +2,10 @@
 //! of every server whose mailboxes could match, all at once, and the answers are merged into
 //! one tree in the client's names (see docs/routing.md, "LIST, LSUB, RLIST, RLSUB").
 
-use std::collections::BTreeMap;
-
-use super::names::{self, is_inbox};
+use super::conn::Answer;
+use super::list_entry::parse_list_entry;
+use super::merge::{HAS_CHILDREN, HAS_NO_CHILDREN, Merged, NOSELECT};
+use super::names;
 use super::{End, Murder, Slot, Step};
 use crate::proto::args::{self, Item, LiteralForm, Value};
 use crate::proto::pattern;
@@ -16,12 +17,6 @@ use crate::route::MountTarget;
 /// every name listed; mailbox names are at most a few hundred bytes.
 const MAX_PATTERN: usize = 1024;
 
-/// One mailbox of the merged answer.
-struct Entry {
-    name: Vec<u8>,
-    attrs: Vec<Vec<u8>>,
-}
-
 /// A question sent to one backend for one mount (or for home, `mount` None).
 struct Query {
     conn: usize,
@@ -30,10 +25,6 @@ struct Query {
     /// Whether the mount's whole subtree was asked for (so its children are all known).
     whole: bool,
 }
-
-const NOSELECT: &[u8] = b"\\Noselect";
-const HAS_CHILDREN: &[u8] = b"\\HasChildren";
-const HAS_NO_CHILDREN: &[u8] = b"\\HasNoChildren";
 
 impl Murder<'_> {
     pub(super) async fn list(&mut self, tag: &[u8], name: CommandName, items: &[Item<'_>]) -> Step {
@@ -175,36 +166,42 @@ impl Murder<'_> {
             });
         }
 
-        // Collect.
-        let mut entries: BTreeMap<(bool, Vec<u8>), Entry> = BTreeMap::new();
-        let mut subscribed_elsewhere: Vec<Vec<u8>> = Vec::new();
+        // Collect. One answer buffer serves every server in turn, and entries go from it
+        // into the merged answer's buffers: nothing is allocated per entry.
+        let prefixes: Vec<Vec<u8>> = self
+            .mounts
+            .iter()
+            .map(|m| names::client_prefix(m, d))
+            .collect();
+        let pattern = Pattern::new(&full);
+        let mut merged = Merged::default();
+        let mut answer = Answer::default();
+        let mut cname = Vec::new();
+        let mut subscribed_elsewhere = NameList::default();
         let mut children_seen = vec![false; self.mounts.len()];
         let mut whole_asked = vec![false; self.mounts.len()];
         let mut home_failed = None;
         for q in &queries {
-            let answers = match self.collect(q.conn, &q.tag).await {
-                Ok(a) => a,
-                Err(()) => {
-                    if q.conn == 0 {
-                        return Err(End::HomeLost);
-                    }
-                    self.conn_failed(q.conn)?;
-                    if let Some(m) = q.mount {
-                        warnings.push(unavailable_warning(&names::client_prefix(
-                            &self.mounts[m],
-                            d,
-                        )));
-                    }
-                    continue;
+            if self
+                .collect_into(q.conn, &q.tag, &mut answer)
+                .await
+                .is_err()
+            {
+                if q.conn == 0 {
+                    return Err(End::HomeLost);
                 }
-            };
-            let (tagged, untagged) = answers;
+                self.conn_failed(q.conn)?;
+                if let Some(m) = q.mount {
+                    warnings.push(unavailable_warning(&prefixes[m]));
+                }
+                continue;
+            }
             // Anything but the entries is an update of the selected mailbox, or nothing.
-            let (untagged, others): (Vec<_>, Vec<_>) = untagged
-                .into_iter()
-                .partition(|m| args::head(m).is_some_and(|(_, w, _)| w.eq_ignore_ascii_case(word)));
-            self.pass_updates(q.conn, others).await?;
-            let st = parse_status_line(&tagged).map(|s| (s.status, s.text.to_owned()));
+            let is_entry =
+                |m: &[u8]| args::head(m).is_some_and(|(_, w, _)| w.eq_ignore_ascii_case(word));
+            self.pass_updates(q.conn, answer.untagged().filter(|m| !is_entry(m)))
+                .await?;
+            let st = parse_status_line(&answer.tagged).map(|s| (s.status, s.text.to_owned()));
             if q.conn == 0 && !matches!(st, Some((Status::Ok, _))) {
                 let (stat, text) = match st {
                     Some((Status::Bad, t)) => ("BAD", t),
@@ -218,47 +215,42 @@ impl Murder<'_> {
             }
             if let Some(m) = q.mount {
                 if !matches!(st, Some((Status::Ok, _))) {
-                    warnings.push(unavailable_warning(&names::client_prefix(
-                        &self.mounts[m],
-                        d,
-                    )));
+                    warnings.push(unavailable_warning(&prefixes[m]));
                     continue;
                 }
                 whole_asked[m] = q.whole;
             }
-            for msg in untagged {
-                let Some((_, _, off)) = args::head(&msg) else {
+            let bd = self.up_delim(q.conn);
+            for msg in answer.untagged().filter(|m| is_entry(m)) {
+                let Some((_, _, off)) = args::head(msg) else {
                     continue;
                 };
-                let Some((attrs, bname)) = parse_list_entry(&msg, off) else {
+                let Some(entry) = parse_list_entry(msg, off) else {
                     continue;
                 };
-                match q.mount {
-                    None => {
-                        if self.under_any_mount(&bname) {
-                            continue;
-                        }
-                        insert(&mut entries, Entry { name: bname, attrs });
+                let Some(m) = q.mount else {
+                    // Home's names are the client's, except those a mount hides.
+                    if !names::under_any_prefix(&prefixes, &entry.name, d) {
+                        merged.add_listed(&entry.name, entry.attrs.iter());
                     }
-                    Some(m) => {
-                        let mount = &self.mounts[m];
-                        let MountTarget::Backend { path, .. } = &mount.target else {
-                            continue;
-                        };
-                        let pfx = names::client_prefix(mount, d);
-                        let bd = self.up_delim(q.conn);
-                        let Some(cname) = names::to_client(&pfx, path, &bname, bd, d) else {
-                            continue;
-                        };
-                        if cname != pfx {
-                            children_seen[m] = true;
-                        }
-                        if pattern::matches(&full, &cname, Some(d)) {
-                            insert(&mut entries, Entry { name: cname, attrs });
-                        } else if lsub && !attrs.iter().any(|a| a.eq_ignore_ascii_case(NOSELECT)) {
-                            subscribed_elsewhere.push(cname);
-                        }
-                    }
+                    continue;
+                };
+                let MountTarget::Backend { path, .. } = &self.mounts[m].target else {
+                    continue;
+                };
+                let pfx = &prefixes[m];
+                // The client's name, in a buffer reused from entry to entry.
+                cname.clear();
+                if !names::to_client_into(pfx, path, &entry.name, bd, d, &mut cname) {
+                    continue;
+                }
+                if cname != *pfx {
+                    children_seen[m] = true;
+                }
+                if pattern.matches(&cname, d) {
+                    merged.add_listed(&cname, entry.attrs.iter());
+                } else if lsub && !entry.attrs.iter().any(|a| a.eq_ignore_ascii_case(NOSELECT)) {
+                    subscribed_elsewhere.push(&cname);
                 }
             }
         }
@@ -273,86 +265,47 @@ impl Murder<'_> {
             if referral && !remote {
                 continue;
             }
-            let pfx = names::client_prefix(mount, d);
-            let levels = names::levels(&pfx, Some(d));
-            for k in 1..levels.len() {
-                let above = names::join(levels[..k].iter().copied(), d);
-                if lsub {
-                    continue;
-                }
-                if pattern::matches(&full, &above, Some(d)) {
-                    entries.entry(key(&above)).or_insert_with(|| Entry {
-                        name: above.clone(),
-                        attrs: vec![NOSELECT.to_vec(), HAS_CHILDREN.to_vec()],
-                    });
-                }
-            }
-            // Home mailboxes above a mount point now have children.
-            for e in entries.values_mut() {
-                let mut e_d = e.name.clone();
-                e_d.push(d);
-                if pfx.starts_with(&e_d) {
-                    e.attrs.retain(|a| !a.eq_ignore_ascii_case(HAS_NO_CHILDREN));
-                    if !e.attrs.iter().any(|a| a.eq_ignore_ascii_case(HAS_CHILDREN)) {
-                        e.attrs.push(HAS_CHILDREN.to_vec());
+            let pfx = &prefixes[m];
+            if !lsub {
+                for above in levels_above(pfx, d) {
+                    if pattern.matches(above, d) {
+                        merged.add_fixed(above, &[NOSELECT, HAS_CHILDREN]);
                     }
                 }
             }
+            // Home mailboxes above a mount point now have children.
+            merged.mark_above(pfx, d);
             if referral {
-                if pattern::matches(&full, &pfx, Some(d)) {
-                    entries.entry(key(&pfx)).or_insert_with(|| Entry {
-                        name: pfx.clone(),
-                        attrs: Vec::new(),
-                    });
+                if pattern.matches(pfx, d) {
+                    merged.add_fixed(pfx, &[]);
                 } else if lsub {
-                    subscribed_elsewhere.push(pfx.clone());
+                    subscribed_elsewhere.push(pfx);
                 }
                 continue;
             }
-            if lsub || !pattern::matches(&full, &pfx, Some(d)) {
+            if lsub || !pattern.matches(pfx, d) {
                 continue;
             }
-            let attrs = if whole_asked[m] {
-                let kids = if children_seen[m] {
-                    HAS_CHILDREN
-                } else {
-                    HAS_NO_CHILDREN
-                };
-                vec![NOSELECT.to_vec(), kids.to_vec()]
-            } else {
-                vec![NOSELECT.to_vec()]
+            let attrs: &'static [&'static [u8]] = match (whole_asked[m], children_seen[m]) {
+                (true, true) => &[NOSELECT, HAS_CHILDREN],
+                (true, false) => &[NOSELECT, HAS_NO_CHILDREN],
+                (false, _) => &[NOSELECT],
             };
-            entries.entry(key(&pfx)).or_insert_with(|| Entry {
-                name: pfx.clone(),
-                attrs,
-            });
+            merged.add_fixed(pfx, attrs);
         }
         // LSUB with `%`: an unsubscribed level above a subscribed mailbox (RFC 3501 6.3.9).
-        for name in subscribed_elsewhere {
-            let levels = names::levels(&name, Some(d));
-            for k in 1..levels.len() {
-                let above = names::join(levels[..k].iter().copied(), d);
-                if pattern::matches(&full, &above, Some(d)) {
-                    entries.entry(key(&above)).or_insert_with(|| Entry {
-                        name: above.clone(),
-                        attrs: vec![NOSELECT.to_vec()],
-                    });
+        for name in subscribed_elsewhere.iter() {
+            for above in levels_above(name, d) {
+                // The same levels come again and again from one server's names; an entry
+                // added twice is written once anyway.
+                if pattern.matches(above, d) && !merged.last_is(above) {
+                    merged.add_fixed(above, &[NOSELECT]);
                 }
             }
         }
 
         let mut out = Vec::new();
-        for e in entries.values() {
-            out.extend_from_slice(b"* ");
-            out.extend_from_slice(word);
-            out.extend_from_slice(b" (");
-            out.extend_from_slice(&names::join(e.attrs.iter().map(Vec::as_slice), b' '));
-            out.extend_from_slice(b") ");
-            args::push_string(&mut out, &[d], LiteralForm::Server);
-            out.push(b' ');
-            args::push_string(&mut out, &e.name, LiteralForm::Server);
-            out.extend_from_slice(b"\r\n");
-        }
+        merged.write(word, d, &mut out);
         warnings.dedup();
         for w in &warnings {
             out.extend_from_slice(w);
@@ -379,13 +332,23 @@ impl Murder<'_> {
     }
 
     /// Reads conn `i`'s answer to `tag` (see [`super::conn::answer`]).
-    pub(super) async fn collect(
+    pub(super) async fn collect(&mut self, i: usize, tag: &str) -> Result<Answer, ()> {
+        let mut answer = Answer::default();
+        self.collect_into(i, tag, &mut answer).await?;
+        Ok(answer)
+    }
+
+    /// Reads conn `i`'s answer to `tag` into `into`, reusing its buffers.
+    pub(super) async fn collect_into(
         &mut self,
         i: usize,
         tag: &str,
-    ) -> Result<(Vec<u8>, Vec<Vec<u8>>), ()> {
+        into: &mut Answer,
+    ) -> Result<(), ()> {
         let conn = self.up(i).ok_or(())?;
-        super::conn::answer(conn, tag).await.map_err(drop)
+        super::conn::answer_into(conn, tag, into)
+            .await
+            .map_err(drop)
     }
 
     /// Connects the given conns that are not up yet, all at once.
@@ -427,22 +390,6 @@ fn as_str(word: &[u8]) -> &str {
     std::str::from_utf8(word).unwrap_or("LIST")
 }
 
-fn key(name: &[u8]) -> (bool, Vec<u8>) {
-    (!is_inbox(name), name.to_vec())
-}
-
-fn insert(entries: &mut BTreeMap<(bool, Vec<u8>), Entry>, e: Entry) {
-    let name = if is_inbox(&e.name) {
-        b"INBOX".to_vec()
-    } else {
-        e.name
-    };
-    entries.entry(key(&name)).or_insert(Entry {
-        name,
-        attrs: e.attrs,
-    });
-}
-
 /// An astring argument (reference or pattern), not a list.
 fn plain_string<'a>(item: &'a Item<'_>) -> Option<&'a [u8]> {
     match &item.value {
@@ -451,18 +398,72 @@ fn plain_string<'a>(item: &'a Item<'_>) -> Option<&'a [u8]> {
     }
 }
 
-/// The attributes and name of a `* LIST`/`* LSUB` response.
-fn parse_list_entry(msg: &[u8], off: usize) -> Option<(Vec<Vec<u8>>, Vec<u8>)> {
-    let items = args::parse(msg, off).ok()?;
-    let Value::List(attrs) = &items.first()?.value else {
-        return None;
-    };
-    let attrs = attrs
-        .iter()
-        .filter_map(|a| a.value.as_bytes().map(<[u8]>::to_vec))
-        .collect();
-    let name = items.get(2)?.value.as_bytes()?.to_vec();
-    Some((attrs, name))
+/// A command's LIST pattern, tested against many names. The shapes clients send (no
+/// wildcard, or one at the end: `*`, `%`, `Shared/*`) are tested in place; the others go to
+/// [`pattern::matches`], which allocates its state on every call.
+struct Pattern<'p> {
+    pattern: &'p [u8],
+    shape: Shape,
+}
+
+enum Shape {
+    Exact,
+    /// The literal prefix, then `*`.
+    AnyBelow(usize),
+    /// The literal prefix, then `%`.
+    LevelBelow(usize),
+    General,
+}
+
+impl<'p> Pattern<'p> {
+    fn new(pattern: &'p [u8]) -> Self {
+        let literal = pattern::literal_prefix(pattern).len();
+        let shape = match &pattern[literal..] {
+            [] => Shape::Exact,
+            [b'*'] => Shape::AnyBelow(literal),
+            [b'%'] => Shape::LevelBelow(literal),
+            _ => Shape::General,
+        };
+        Pattern { pattern, shape }
+    }
+
+    /// `pattern::matches(pattern, name, Some(delim))`.
+    fn matches(&self, name: &[u8], delim: u8) -> bool {
+        match self.shape {
+            Shape::Exact => name == self.pattern,
+            Shape::AnyBelow(n) => name.starts_with(&self.pattern[..n]),
+            Shape::LevelBelow(n) => name
+                .strip_prefix(&self.pattern[..n])
+                .is_some_and(|rest| !rest.contains(&delim)),
+            Shape::General => pattern::matches(self.pattern, name, Some(delim)),
+        }
+    }
+}
+
+/// Names back to back in one buffer.
+#[derive(Default)]
+struct NameList {
+    bytes: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl NameList {
+    fn push(&mut self, name: &[u8]) {
+        self.bytes.extend_from_slice(name);
+        self.ends.push(self.bytes.len());
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts
+            .zip(self.ends.iter().copied())
+            .map(|(start, end)| &self.bytes[start..end])
+    }
+}
+
+/// The levels above a name, highest first: `a`, `a/b` for `a/b/c`.
+fn levels_above(name: &[u8], delim: u8) -> impl Iterator<Item = &[u8]> {
+    memchr::memchr_iter(delim, name).map(move |end| &name[..end])
 }
 
 fn unavailable_warning(prefix: &[u8]) -> Vec<u8> {
@@ -481,5 +482,60 @@ fn swap(b: u8, client: u8, backend: u8) -> u8 {
         client
     } else {
         b
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_agree_with_the_general_matcher() {
+        let names = [
+            &b""[..],
+            b"INBOX",
+            b"Shared",
+            b"Shared/",
+            b"Shared/Team",
+            b"Shared/Team/x",
+            b"SharedX",
+            b"S",
+            b"a.b",
+        ];
+        for p in [
+            &b"*"[..],
+            b"%",
+            b"",
+            b"Shared",
+            b"Shared/*",
+            b"Shared/%",
+            b"Shared*",
+            b"S%",
+            b"%/%",
+            b"*/%",
+            b"Sh*d",
+            b"**",
+            b"%*",
+        ] {
+            let pattern = Pattern::new(p);
+            for n in names {
+                for d in [b'/', b'.'] {
+                    assert_eq!(
+                        pattern.matches(n, d),
+                        pattern::matches(p, n, Some(d)),
+                        "{} {}",
+                        p.escape_ascii(),
+                        n.escape_ascii()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn levels_above_a_name() {
+        let above: Vec<&[u8]> = levels_above(b"a/b//c", b'/').collect();
+        assert_eq!(above, [&b"a"[..], b"a/b", b"a/b/"]);
+        assert_eq!(levels_above(b"abc", b'/').count(), 0);
     }
 }

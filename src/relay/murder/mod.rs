@@ -12,7 +12,9 @@ mod conn;
 mod copy;
 mod exec;
 mod list;
+mod list_entry;
 mod mailbox;
+mod merge;
 mod names;
 mod namespace;
 mod wire;
@@ -664,27 +666,31 @@ impl Murder<'_> {
         if conn.wire.write(&line).await.is_err() {
             return Ok(false);
         }
-        let Ok((_, untagged)) = self.collect(i, &t).await else {
+        let Ok(answer) = self.collect(i, &t).await else {
             return Ok(false);
         };
-        self.pass_updates(i, untagged).await?;
+        self.pass_updates(i, answer.untagged()).await?;
         Ok(true)
     }
 
     /// Writes the untagged responses of an internal command that are updates of the selected
     /// mailbox (those of any other connection are dropped).
-    pub(super) async fn pass_updates(&mut self, i: usize, untagged: Vec<Vec<u8>>) -> Step {
+    pub(super) async fn pass_updates<'m>(
+        &mut self,
+        i: usize,
+        untagged: impl Iterator<Item = &'m [u8]>,
+    ) -> Step {
         if self.selected != Some(i) {
             return Ok(());
         }
         for msg in untagged {
-            let word = args::head(&msg).map(|(_, w, _)| w.to_ascii_uppercase());
+            let word = args::head(msg).map(|(_, w, _)| w.to_ascii_uppercase());
             let update = word.as_deref().is_some_and(|w| {
                 w.first().is_some_and(u8::is_ascii_digit)
                     || matches!(w, b"FLAGS" | b"VANISHED" | b"OK" | b"NO")
             });
             if update {
-                self.client.write(&msg).await.map_err(|_| End::ClientGone)?;
+                self.client.write(msg).await.map_err(|_| End::ClientGone)?;
             }
         }
         Ok(())

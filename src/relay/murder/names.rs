@@ -118,23 +118,60 @@ pub fn to_client(
     delim: Option<u8>,
     home_delim: u8,
 ) -> Option<Vec<u8>> {
-    let levels = levels(name, delim);
-    if levels.len() < path.len() || !path.iter().zip(&levels).all(|(p, l)| p.as_bytes() == *l) {
-        return None;
+    let mut out = Vec::new();
+    to_client_into(prefix, path, name, delim, home_delim, &mut out).then_some(out)
+}
+
+/// [`to_client`] written to the end of `out`, for a caller that translates many names into
+/// one buffer. False, with `out` as it was, when the name has no client name.
+pub fn to_client_into(
+    prefix: &[u8],
+    path: &[String],
+    name: &[u8],
+    delim: Option<u8>,
+    home_delim: u8,
+    out: &mut Vec<u8>,
+) -> bool {
+    // The levels of `name`, as [`levels`] gives them, without collecting them.
+    let mut levels = name.split(|&b| Some(b) == delim);
+    if !path
+        .iter()
+        .all(|p| levels.next().is_some_and(|l| l == p.as_bytes()))
+    {
+        return false;
     }
-    let rest = &levels[path.len()..];
-    if path.is_empty() && rest.first().is_some_and(|l| is_inbox(l)) {
-        return None;
+    let mut rest = levels.peekable();
+    if path.is_empty() && rest.peek().is_some_and(|l| is_inbox(l)) {
+        return false;
     }
-    if rest.iter().any(|l| l.contains(&home_delim) || l.is_empty()) {
-        return None;
-    }
-    let mut out = prefix.to_vec();
+    let start = out.len();
+    out.extend_from_slice(prefix);
     for l in rest {
+        if l.contains(&home_delim) || l.is_empty() {
+            out.truncate(start);
+            return false;
+        }
         out.push(home_delim);
         out.extend_from_slice(l);
     }
-    Some(out)
+    true
+}
+
+/// Whether client name `name` is `prefix` or below it.
+pub fn is_at_or_below(name: &[u8], prefix: &[u8], delim: u8) -> bool {
+    match name.strip_prefix(prefix) {
+        Some([]) => true,
+        Some([next, ..]) => *next == delim,
+        None => false,
+    }
+}
+
+/// Whether a client name is held by one of the mounts whose client prefixes are `prefixes`:
+/// `find_mount(..).is_some()` with the prefixes made once, for a caller that asks it of many
+/// names.
+pub fn under_any_prefix(prefixes: &[Vec<u8>], name: &[u8], delim: u8) -> bool {
+    let first_level = name.split(|&b| b == delim).next().unwrap_or_default();
+    !is_inbox(first_level) && prefixes.iter().any(|p| is_at_or_below(name, p, delim))
 }
 
 /// The referral URL for `rest` below a referral mount: the levels appended as URL path
@@ -231,6 +268,60 @@ mod tests {
             to_client(b"A", &[], b"2024.Q1", Some(b'.'), b'/').unwrap(),
             b"A/2024/Q1"
         );
+    }
+
+    #[test]
+    fn a_name_is_under_a_prefix_by_whole_levels() {
+        let mounts = [mount(&["Shared"]), mount(&["Remote", "Sales"])];
+        let prefixes: Vec<Vec<u8>> = mounts.iter().map(|m| client_prefix(m, b'/')).collect();
+        for name in [
+            &b"Shared"[..],
+            b"Shared/x",
+            b"SharedX",
+            b"Remote",
+            b"Remote/Sales/a",
+            b"INBOX",
+            b"inbox/Shared",
+            b"",
+        ] {
+            assert_eq!(
+                under_any_prefix(&prefixes, name, b'/'),
+                find_mount(&mounts, name, b'/').is_some(),
+                "{}",
+                name.escape_ascii()
+            );
+        }
+    }
+
+    #[test]
+    fn translating_into_a_buffer_appends_or_leaves_it() {
+        let path = vec!["Public".to_string()];
+        let mut out = b"x".to_vec();
+        assert!(to_client_into(
+            b"Shared",
+            &path,
+            b"Public.Team.R",
+            Some(b'.'),
+            b'/',
+            &mut out
+        ));
+        assert_eq!(out, b"xShared/Team/R");
+        for refused in [&b"Public.a/b"[..], b"Public..a", b"Publicity", b"Other"] {
+            assert!(!to_client_into(
+                b"Shared",
+                &path,
+                refused,
+                Some(b'.'),
+                b'/',
+                &mut out
+            ));
+            assert_eq!(out, b"xShared/Team/R");
+        }
+        // A flat backend: the whole name is one level.
+        assert_eq!(to_client(b"F", &[], b"a.b", None, b'/').unwrap(), b"F/a.b");
+        assert_eq!(to_client(b"F", &[], b"a/b", None, b'/'), None);
+        assert_eq!(to_client(b"F", &[], b"", None, b'/'), None);
+        assert_eq!(to_client(b"F", &path, b"Public", None, b'/').unwrap(), b"F");
     }
 
     #[test]

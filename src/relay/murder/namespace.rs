@@ -41,13 +41,13 @@ impl Murder<'_> {
         let mut answers: Vec<(usize, [Vec<Vec<u8>>; 3])> = Vec::new();
         for (i, t) in tags {
             match self.collect(i, &t).await {
-                Ok((_, untagged)) => {
-                    let groups = untagged
-                        .iter()
-                        .find_map(|m| parse_namespace(m))
+                Ok(answer) => {
+                    let groups = answer
+                        .untagged()
+                        .find_map(parse_namespace)
                         .unwrap_or_default();
                     answers.push((i, groups));
-                    self.pass_updates(i, untagged).await?;
+                    self.pass_updates(i, answer.untagged()).await?;
                 }
                 Err(()) => {
                     if i == 0 {

@@ -152,12 +152,21 @@ impl Wire {
 
     /// Reads one whole message (line and literals) of at most `max` bytes and returns it.
     pub async fn whole(&mut self, max: usize) -> Result<Vec<u8>, WireError> {
+        let len = self.peek_whole(max).await?;
+        let msg = self.buffered()[..len].to_vec();
+        self.consume(len);
+        Ok(msg)
+    }
+
+    /// Waits until one whole message (line and literals) of at most `max` bytes is buffered
+    /// and returns its length: it is the first `len` bytes of [`Wire::buffered`] until it is
+    /// [`Wire::consume`]d. For callers that copy it somewhere of their own, so that a long
+    /// run of messages (a LIST answer) costs no allocation per message.
+    pub async fn peek_whole(&mut self, max: usize) -> Result<usize, WireError> {
         loop {
             if let Scan::Complete { len } = scan_message(self.buffered(), self.max_line, u64::MAX)?
             {
-                let msg = self.buffered()[..len].to_vec();
-                self.consume(len);
-                return Ok(msg);
+                return Ok(len);
             }
             self.fill(max).await?;
         }
