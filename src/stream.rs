@@ -4,7 +4,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, tcp};
@@ -160,6 +160,10 @@ impl TlsReadHalf<'_> {
     /// plaintext, so the caller needs no buffer until there is something to put in it.
     pub fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut tls = lock(&self.0);
+        // A read that returned data may have met an error behind it, which tokio-rustls
+        // keeps for the next poll_read; poll_fill_buf does not look there, and could wait
+        // on a socket that has nothing more to say. A read of nothing returns that error.
+        ready!(Pin::new(&mut **tls).poll_read(cx, &mut ReadBuf::new(&mut [])))?;
         Pin::new(&mut **tls).poll_fill_buf(cx).map_ok(|_| ())
     }
 }
