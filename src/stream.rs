@@ -143,8 +143,8 @@ pub enum WriteHalf<'a> {
 type SharedTls<'a> = Arc<Mutex<&'a mut TlsStream<TcpStream>>>;
 
 fn lock<'g, 'a>(shared: &'g SharedTls<'a>) -> MutexGuard<'g, &'a mut TlsStream<TcpStream>> {
-    // A panic while holding it leaves the TLS state as rustls left it, which rustls's own
-    // calls check; there is nothing to repair.
+    // Poisoned only by a poll that panicked, which unwinds the task that holds both halves:
+    // no one is left to be misled by the state it left.
     shared.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
