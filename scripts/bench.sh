@@ -7,7 +7,7 @@
 #   sudo ./scripts/bench.sh --scenarios login,fetch --duration 5s --repeat 2
 #
 # Options (defaults in brackets):
-#   --scenarios LIST      login,login-tls,fetch,latency,idle [all of them]
+#   --scenarios LIST      login,login-tls,fetch,latency,idle,idle-tls [all of them]
 #   --login-clients N     login storm clients [32]
 #   --fetch-clients N     bulk fetch clients [8]
 #   --latency-clients L   comma list of client counts for the latency scenario [1,8]
@@ -17,6 +17,8 @@
 #   --duration D          measurement time of login, fetch and latency [10s]
 #   --warmup D            load before measuring [2s]
 #   --idle L              comma list of idle session counts [1000,20000]
+#   --idle-tls L          comma list of idle session counts of idle-tls: the clients use
+#                         implicit TLS (Dovecot's TLS ports, the gateway's TLS listener) [1000]
 #   --idle-hold D         how long the idle sessions are held [10s]
 #   --idle-ramp R         new idle sessions per second [500]
 #   --idle-cap N          most idle sessions per gateway process [what the open-files limit
@@ -40,7 +42,7 @@
 #                         (nginx's mail proxy), or none [dovecot-proxy,nginx]
 #   --out DIR             results directory [target/bench/<timestamp>]
 # Environment: BENCH_DIR (state: configs, mail, logs) [/var/tmp/imap-gateway-bench];
-# BENCH_PORT (first of the loopback ports: BENCH_PORT..+11, and +20.. for the extra gateway
+# BENCH_PORT (first of the loopback ports: BENCH_PORT..+11, and +20..+79 for the extra gateway
 # processes of large idle runs) [21140].
 #
 # Needs root (Dovecot's processes change user). Installs dovecot-imapd, openssl and python3
@@ -51,7 +53,7 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 HELPER=$REPO/scripts/bench_helper.py
 
-SCENARIOS=login,login-tls,fetch,latency,idle
+SCENARIOS=login,login-tls,fetch,latency,idle,idle-tls
 LOGIN_CLIENTS=32
 FETCH_CLIENTS=8
 LATENCY_CLIENTS=1,8
@@ -59,6 +61,7 @@ LATENCY_PACED=8@8000
 DURATION=10s
 WARMUP=2s
 IDLE_COUNTS=1000,20000
+IDLE_TLS_COUNTS=1000
 IDLE_HOLD=10s
 IDLE_RAMP=500
 IDLE_CAP=
@@ -92,6 +95,7 @@ while [ $# -gt 0 ]; do
   --duration) DURATION=$2 ;;
   --warmup) WARMUP=$2 ;;
   --idle) IDLE_COUNTS=$2 ;;
+  --idle-tls) IDLE_TLS_COUNTS=$2 ;;
   --idle-hold) IDLE_HOLD=$2 ;;
   --idle-ramp) IDLE_RAMP=$2 ;;
   --idle-cap) IDLE_CAP=$2 ;;
@@ -688,14 +692,16 @@ start_gateway() {
   wait_until 10 greets "$GW_PORT" || die "the gateway did not start (log: $BENCH_DIR/gateway.log)"
 }
 
-# start_gateways K: the gateway and K-1 more processes, each with its own plain listener and
-# admin port (BASE+20+k, BASE+40+k) on the same routing table.
+# start_gateways K: the gateway and K-1 more processes, each with its own plain listener,
+# admin port and TLS listener (BASE+20+k, BASE+40+k, BASE+60+k) on the same routing table.
 start_gateways() {
   local k conf
-  # Listener ports BASE+21.., admin ports BASE+41..: at most 19 extra processes fit between.
+  # Listener ports BASE+21.., admin ports BASE+41.., TLS BASE+61..: at most 19 extra
+  # processes fit between.
   (($1 <= 20)) || die "$1 gateway processes: at most 20 (raise --idle-cap or the open-files limit)"
   start_gateway
   GW_PORTS=("$GW_PORT")
+  GW_TLS_PORTS=("$GW_TLS_PORT")
   GW_ADMIN_PORTS=("$GW_ADMIN_PORT")
   for ((k = 1; k < $1; k++)); do
     conf=$BENCH_DIR/gateway-$k.toml
@@ -709,6 +715,13 @@ address = "127.0.0.1:$((BASE + 20 + k))"
 mode = "plain"
 allow_plaintext_auth = true
 
+[[listeners]]
+name = "tls"
+address = "127.0.0.1:$((BASE + 60 + k))"
+mode = "tls"
+tls_cert = "$TLS/server.pem"
+tls_key = "$TLS/server.key"
+
 [admin]
 address = "127.0.0.1:$((BASE + 40 + k))"
 
@@ -720,24 +733,30 @@ EOF2
     "$GATEWAY" run --config "$conf" </dev/null >>"$BENCH_DIR/gateway.log" 2>&1 &
     GW_EXTRA_PIDS+=($!)
     GW_PORTS+=($((BASE + 20 + k)))
+    GW_TLS_PORTS+=($((BASE + 60 + k)))
     GW_ADMIN_PORTS+=($((BASE + 40 + k)))
     wait_until 10 greets $((BASE + 20 + k)) || die "gateway process $k did not start"
   done
 }
 
-# idle_split CASE MODE REP N PROCS: N idle sessions through PROCS gateway processes (or
-# directly), from as many loadgen processes as the open-files limit needs. While they run,
-# the gateways' session gauges and RSS are sampled every half second; the peak of concurrent
-# sessions, and the RSS at that peak, go into the combined result.
+# idle_split CASE MODE REP N PROCS [--tls --ca PEM]: N idle sessions through PROCS gateway
+# processes (or directly), from as many loadgen processes as the open-files limit needs.
+# While they run, the gateways' session gauges and RSS are sampled every half second; the
+# peak of concurrent sessions, and the RSS at that peak, go into the combined result. With
+# --tls the clients use the TLS ports (the gateways' TLS listeners, Dovecot's imaps).
 idle_split() {
-  local case=$1 mode=$2 rep=$3 n=$4 procs=$5
+  local case=$1 mode=$2 rep=$3 n=$4 procs=$5 tls=("${@:6}")
   local per_lg=$((NOFILE - 300)) lgs i share start target=() pid=() files=() lgpids=()
   lgs=$(((n + per_lg - 1) / per_lg))
   ((lgs < 2)) && lgs=2
   if [ "$mode" = gateway ]; then
     start_gateways "$procs"
-    for i in "${GW_PORTS[@]}"; do target+=(--target "127.0.0.1:$i"); done
+    local ports=("${GW_PORTS[@]}")
+    [ ${#tls[@]} -gt 0 ] && ports=("${GW_TLS_PORTS[@]}")
+    for i in "${ports[@]}"; do target+=(--target "127.0.0.1:$i"); done
     for i in $GW_PID "${GW_EXTRA_PIDS[@]}"; do pid+=(--pid "$i"); done
+  elif [ ${#tls[@]} -gt 0 ]; then
+    target=(--target "127.0.0.1:${TLS_PORT[bench-a]}" --target "127.0.0.1:${TLS_PORT[bench-b]}")
   else
     target=(--target "127.0.0.1:${PORT[bench-a]}" --target "127.0.0.1:${PORT[bench-b]}")
   fi
@@ -753,7 +772,7 @@ idle_split() {
     files+=("$OUT/$case-$mode-$rep.$i.json")
     # Users are spread by number over the targets: an offset per process keeps the mix even.
     "$LOADGEN" "${target[@]}" "${pid[@]}" --label "$case/$mode/$rep" --password "$PASSWORD" \
-      --scenario idle --clients "$share" --user-count "$USERS" --user-start $((1 + (start % USERS))) \
+      "${tls[@]}" --scenario idle --clients "$share" --user-count "$USERS" --user-start $((1 + (start % USERS))) \
       --src-ips 250 --idle-ramp $((IDLE_RAMP / lgs)) --duration "$IDLE_HOLD" --warmup 3s \
       >"${files[$i]}" &
     lgpids+=($!)
@@ -833,6 +852,26 @@ with_peers() {
   if want_nginx; then run "$1" nginx "$2" "${@:3}"; fi
 }
 
+# idle_counts NAME REP COUNTS [--tls --ca PEM]: the idle scenario once per session count.
+idle_counts() {
+  local name=$1 rep=$2 counts=$3 n max procs
+  shift 3
+  for n in ${counts//,/ }; do
+    # Bounded by the open-files limit: loadgen needs one descriptor per session, the
+    # gateway two (client and backend), plus a few of their own.
+    max=${IDLE_CAP:-$(((NOFILE - 200) / 2))}
+    if ((n > max)); then
+      procs=$(((n + max - 1) / max))
+      say "$name: $n sessions exceed what the open-files limit $NOFILE allows one gateway process ($max, --idle-cap): $procs gateway processes"
+      idle_split "$name-$n" direct "$rep" "$n" "$procs" "$@"
+      idle_split "$name-$n" gateway "$rep" "$n" "$procs" "$@"
+      continue
+    fi
+    both "$name-$n" "$rep" "$@" --scenario idle --clients "$n" --user-count "$USERS" \
+      --src-ips 250 --idle-ramp "$IDLE_RAMP" --duration "$IDLE_HOLD" --warmup 3s
+  done
+}
+
 common=(--duration "$DURATION" --warmup "$WARMUP")
 for ((rep = 1; rep <= REPEAT; rep++)); do
   start_dovecots
@@ -861,22 +900,8 @@ for ((rep = 1; rep <= REPEAT; rep++)); do
           --rate "$r" "${common[@]}"
       done
       ;;
-    idle)
-      for n in ${IDLE_COUNTS//,/ }; do
-        # Bounded by the open-files limit: loadgen needs one descriptor per session, the
-        # gateway two (client and backend), plus a few of their own.
-        max=${IDLE_CAP:-$(((NOFILE - 200) / 2))}
-        if ((n > max)); then
-          procs=$(((n + max - 1) / max))
-          say "idle: $n sessions exceed what the open-files limit $NOFILE allows one gateway process ($max, --idle-cap): $procs gateway processes"
-          idle_split "idle-$n" direct "$rep" "$n" "$procs"
-          idle_split "idle-$n" gateway "$rep" "$n" "$procs"
-          continue
-        fi
-        both "idle-$n" "$rep" --scenario idle --clients "$n" --user-count "$USERS" \
-          --src-ips 250 --idle-ramp "$IDLE_RAMP" --duration "$IDLE_HOLD" --warmup 3s
-      done
-      ;;
+    idle) idle_counts idle "$rep" "$IDLE_COUNTS" ;;
+    idle-tls) idle_counts idle-tls "$rep" "$IDLE_TLS_COUNTS" --tls --ca "$TLS/ca.pem" ;;
     *) die "unknown scenario $s" ;;
     esac
   done

@@ -86,6 +86,7 @@ TARGETS = {
     "fetch": "ratio >= 0.90, <= 0.5 ms CPU/MB",
     "latency": "+p50 <= 50 us, +p99 <= 250 us",
     "idle": "<= 8 KiB RSS/session, 0 errors",
+    "idle-tls": "report, next to idle",
 }
 
 
@@ -200,6 +201,15 @@ def report(path):
                     )
                     for e in r["errors"]["first"][:3]:
                         out.append(f"{'':<22}error: {e}")
+                # What TLS adds per idle session: the same count without TLS, same repetition.
+                plain = by_case.get(case.replace("idle-tls-", "idle-", 1), {}).get(rep, {}).get("gateway")
+                if case.startswith("idle-tls-") and g and plain:
+                    t, p = g.get("rss_kb_per_session"), plain.get("rss_kb_per_session")
+                    out.append(
+                        f"{case:<14} run {rep}  gw RSS/session TLS {fmt(t)} KiB, plain {fmt(p)} KiB"
+                        f", TLS adds {fmt(t - p if t is not None and p is not None else None)} KiB"
+                        f"   [{TARGETS['idle-tls']}]"
+                    )
     print("\n".join(out))
 
 

@@ -3,9 +3,10 @@
 
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, ready};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, tcp};
 use tokio_rustls::TlsStream;
 
@@ -24,8 +25,8 @@ impl Stream {
     }
 
     /// Borrows the two directions separately. Plain TCP splits without a lock or an
-    /// allocation, and its reading half can wait for data without a buffer; TLS goes through
-    /// `tokio::io::split` (one connection state for both directions).
+    /// allocation, and its reading half can wait for data without a buffer; TLS shares one
+    /// connection state between both directions behind a lock (see [`TlsReadHalf`]).
     pub fn split(&mut self) -> (ReadHalf<'_>, WriteHalf<'_>) {
         match self {
             Stream::Plain(s) => {
@@ -33,8 +34,11 @@ impl Stream {
                 (ReadHalf::Plain(r), WriteHalf::Plain(w))
             }
             Stream::Tls(s) => {
-                let (r, w) = tokio::io::split(s.as_mut());
-                (ReadHalf::Tls(r), WriteHalf::Tls(w))
+                let shared = Arc::new(Mutex::new(s.as_mut()));
+                (
+                    ReadHalf::Tls(TlsReadHalf(shared.clone())),
+                    WriteHalf::Tls(TlsWriteHalf(shared)),
+                )
             }
             Stream::Memory(s) => {
                 let (r, w) = tokio::io::split(s);
@@ -120,15 +124,93 @@ impl AsyncWrite for Stream {
 /// The reading direction of a borrowed [`Stream`] (see [`Stream::split`]).
 pub enum ReadHalf<'a> {
     Plain(tcp::ReadHalf<'a>),
-    Tls(tokio::io::ReadHalf<&'a mut TlsStream<TcpStream>>),
+    Tls(TlsReadHalf<'a>),
     Memory(tokio::io::ReadHalf<&'a mut tokio::io::DuplexStream>),
 }
 
 /// The writing direction of a borrowed [`Stream`] (see [`Stream::split`]).
 pub enum WriteHalf<'a> {
     Plain(tcp::WriteHalf<'a>),
-    Tls(tokio::io::WriteHalf<&'a mut TlsStream<TcpStream>>),
+    Tls(TlsWriteHalf<'a>),
     Memory(tokio::io::WriteHalf<&'a mut tokio::io::DuplexStream>),
+}
+
+/// One TLS connection shared by its two halves. `tokio::io::split` would do the same, but
+/// its reading half offers only `poll_read`, which needs the caller's buffer to wait in;
+/// this one can also wait for decrypted data without one ([`TlsReadHalf::poll_ready`]).
+/// The lock is held for one poll at a time, never across an await; the relay polls both
+/// halves from one task, so it is not contended.
+type SharedTls<'a> = Arc<Mutex<&'a mut TlsStream<TcpStream>>>;
+
+fn lock<'g, 'a>(shared: &'g SharedTls<'a>) -> MutexGuard<'g, &'a mut TlsStream<TcpStream>> {
+    // Poisoned only by a poll that panicked, which unwinds the task that holds both halves:
+    // no one is left to be misled by the state it left.
+    shared.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The reading direction of a TLS [`Stream`].
+pub struct TlsReadHalf<'a>(SharedTls<'a>);
+
+/// The writing direction of a TLS [`Stream`].
+pub struct TlsWriteHalf<'a>(SharedTls<'a>);
+
+impl TlsReadHalf<'_> {
+    /// Ready once a read would not wait: decrypted data is held by rustls, or the stream
+    /// ended or failed. It reads and decrypts what the socket has, but takes none of the
+    /// plaintext, so the caller needs no buffer until there is something to put in it.
+    pub fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut tls = lock(&self.0);
+        // A read that returned data may have met an error behind it, which tokio-rustls
+        // keeps for the next poll_read; poll_fill_buf does not look there, and could wait
+        // on a socket that has nothing more to say. A read of nothing returns that error.
+        ready!(Pin::new(&mut **tls).poll_read(cx, &mut ReadBuf::new(&mut [])))?;
+        Pin::new(&mut **tls).poll_fill_buf(cx).map_ok(|_| ())
+    }
+}
+
+impl AsyncRead for TlsReadHalf<'_> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let mut tls = lock(&self.0);
+        Pin::new(&mut **tls).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsWriteHalf<'_> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let mut tls = lock(&self.0);
+        Pin::new(&mut **tls).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut tls = lock(&self.0);
+        Pin::new(&mut **tls).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut tls = lock(&self.0);
+        Pin::new(&mut **tls).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let mut tls = lock(&self.0);
+        Pin::new(&mut **tls).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        lock(&self.0).is_write_vectored()
+    }
 }
 
 impl AsyncRead for ReadHalf<'_> {

@@ -1,8 +1,9 @@
 //! Read buffers of the relay, held only while data flows. A direction that waits for its peer
-//! holds no buffer: on plain TCP it waits for readability first and takes a buffer only once
-//! there is something to read, and gives it back when a read finds nothing more. Idle
-//! sessions, the common case, then cost no buffer at all. Buffers go back to a small shared
-//! pool, so a busy direction that keeps running dry does not allocate per read.
+//! holds no buffer: it waits until there is something to read (plain TCP: the socket is
+//! readable; TLS: rustls holds decrypted data), takes a buffer only then, and gives it back
+//! when a read finds nothing more. Idle sessions, the common case, then cost no buffer at
+//! all. Buffers go back to a small shared pool, so a busy direction that keeps running dry
+//! does not allocate per read.
 
 use std::io;
 use std::sync::{Mutex, PoisonError};
@@ -85,8 +86,8 @@ pub fn normalize(slot: &mut Option<Buf>, filled: usize) {
 }
 
 /// Reads into the buffer in `slot` after its first `filled` bytes and returns how many came
-/// (0 at the end of the stream). On plain TCP the wait for data happens without a buffer: an
-/// empty buffer goes back to the pool first, and one is taken once the socket is readable.
+/// (0 at the end of the stream). The wait for data happens without a buffer: an empty buffer
+/// goes back to the pool first, and one is taken once there is data.
 /// Cancel-safe: dropped while waiting, `slot` holds what it held, or nothing.
 pub async fn read_into(
     r: &mut ReadHalf<'_>,
@@ -110,8 +111,19 @@ pub async fn read_into(
             }
         },
         ReadHalf::Tls(r) => {
-            // Decrypted data may wait inside the TLS state while the socket is not readable:
-            // readiness of the socket says nothing, so this read waits with its buffer.
+            // Decrypted data may wait inside rustls while the socket is not readable, so the
+            // socket's readiness says nothing; rustls is asked instead. The buffer is given
+            // back only when that would wait, so data that keeps coming keeps its buffer.
+            if filled == 0 {
+                std::future::poll_fn(|cx| {
+                    let ready = r.poll_ready(cx);
+                    if ready.is_pending() {
+                        *slot = None;
+                    }
+                    ready
+                })
+                .await?;
+            }
             let buf = slot.get_or_insert_with(Buf::take);
             r.read(&mut buf[filled..]).await
         }
