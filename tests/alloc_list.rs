@@ -10,24 +10,18 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
-use imap_gateway::metrics::Metrics;
 use imap_gateway::proto::args::{self, LiteralForm};
 use imap_gateway::proto::pattern;
-use imap_gateway::relay::murder::{self, ConnectFuture, Connected, Connector};
-use imap_gateway::relay::{RelayContext, RelayOptions};
-use imap_gateway::route::{Backend, RoutingTable};
-use imap_gateway::shutdown::Stop;
-use imap_gateway::stream::Stream;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 #[path = "support/counting_alloc.rs"]
 mod counting_alloc;
+#[path = "support/murder_session.rs"]
+mod murder_session;
 use counting_alloc::{ALLOCATIONS, Counting};
 
 #[global_allocator]
@@ -158,27 +152,6 @@ async fn start_backend(names: Vec<Mailbox>, delim: u8) -> SocketAddr {
     addr
 }
 
-/// Connections to the scripted backends are "logged in" as soon as they are open.
-struct Direct;
-
-async fn connect(backend: &Backend) -> Result<Connected, String> {
-    let tcp = TcpStream::connect((backend.host.as_str(), backend.port))
-        .await
-        .map_err(|e| e.to_string())?;
-    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
-    Ok(Connected {
-        stream: Stream::Plain(tcp),
-        leftover: Vec::new(),
-        capabilities: vec!["IMAP4rev1".into(), "LITERAL+".into()],
-    })
-}
-
-impl Connector for Direct {
-    fn connect<'a>(&'a self, backend: &'a Backend) -> ConnectFuture<'a> {
-        Box::pin(connect(backend))
-    }
-}
-
 /// A client of a murder session over three scripted backends of `10 * tops` mailboxes each
 /// (home `/`, `Shared` -> a `.` server under `Public`, `Archive` -> a `/` server's whole
 /// tree) and a referral mount `Remote/Sales`.
@@ -211,45 +184,7 @@ impl Session {
              [[mounts]]\nusers = \"*\"\nprefix = \"Archive\"\nbackend = \"archive\"\n\
              [[mounts]]\nusers = \"*\"\nprefix = \"Remote/Sales\"\nreferral = \"imap://remote/Sales\"\n"
         );
-        let table = RoutingTable::parse(&text, Path::new(".")).expect("valid table");
-        let route = table.lookup("user@example.org").expect("routed");
-        let home = connect(&route.home).await.expect("home backend");
-
-        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(front.local_addr().unwrap())
-            .await
-            .unwrap();
-        client.set_nodelay(true).unwrap();
-        let (gw_side, _) = front.accept().await.unwrap();
-        gw_side.set_nodelay(true).unwrap();
-        let opts = RelayOptions {
-            max_command_line: 64 * 1024,
-            max_literal: 1 << 30,
-            max_backend_line: 16 * 1024 * 1024,
-            backend_logout: Duration::from_secs(1),
-            rewrite_referrals: false,
-            splice: true,
-            autologout: imap_gateway::config::MIN_AUTOLOGOUT,
-            client_send: Duration::from_secs(60),
-        };
-        let ctx = RelayContext {
-            stop: Stop::never(),
-            counters: Metrics::new(&prometheus::Registry::new())
-                .expect("metrics")
-                .relay,
-        };
-        tokio::spawn(async move {
-            murder::run(
-                Stream::Plain(gw_side),
-                Vec::new(),
-                route,
-                home,
-                &Direct,
-                &opts,
-                &ctx,
-            )
-            .await
-        });
+        let client = murder_session::start(&text, "user@example.org").await;
         Session {
             client,
             next: 0,
