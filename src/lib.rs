@@ -192,22 +192,18 @@ impl Gateway {
             certs,
             finished.clone(),
         )));
-        let mut accept_loops = Vec::new();
-        for l in self.listeners {
-            accept_loops.push(tokio::spawn(l.serve(
-                Arc::clone(&shared),
-                tracker.clone(),
-                shutdown.clone(),
-            )));
+        let listeners: Vec<Arc<net::Listener>> = self.listeners.into_iter().map(Arc::new).collect();
+        for l in &listeners {
+            tracing::info!(listener = %l.name(), address = ?l.local_addr().ok(), "listening");
         }
+        let mut accepting =
+            net::workers::Accepting::start(&shared, &listeners, &tracker, &shutdown, &finished);
         shutdown.cancelled().await;
         shared.lifecycle.drain();
         shared.metrics.draining.set(1);
         let open = shared.lifecycle.sessions();
         tracing::info!(sessions = open, "draining");
-        for handle in accept_loops {
-            let _ = handle.await;
-        }
+        accepting.stopped().await;
         tracker.close();
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             tracing::warn!(
@@ -226,6 +222,7 @@ impl Gateway {
             }
         }
         finished.cancel();
+        accepting.join().await;
         for h in helpers {
             let _ = h.await;
         }

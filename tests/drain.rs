@@ -203,7 +203,10 @@ async fn sessions_with_mounts_stop_in_idle_and_between_commands() {
             .any(|l| l.contains("imap(alice)") && l.contains("Logged out"))
     })
     .await;
-    assert_eq!(ended_of(&gw.shared, "drained"), 2);
+    until("both sessions counted as drained", || {
+        ended_of(&gw.shared, "drained") == 2
+    })
+    .await;
     gw.stop().await;
 }
 

@@ -9,6 +9,7 @@
 //! `proxy_protocol` listener. The connection's place ([`ConnSlot`]) lives in its task.
 
 pub mod proxy;
+pub mod workers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::config::{ListenerConfig, ListenerMode};
 use crate::limits::{ConnSlot, LimitError};
@@ -58,7 +59,9 @@ pub struct Listener {
     implicit_tls: bool,
     /// Set on a `proxy_protocol` listener.
     proxy: Option<Arc<ProxyPolicy>>,
-    socket: TcpListener,
+    /// Not tied to a runtime: each accept loop registers its own duplicate of it with the
+    /// runtime it runs on (one per worker thread).
+    socket: std::net::TcpListener,
 }
 
 impl Listener {
@@ -123,18 +126,28 @@ impl Listener {
         self.socket.local_addr()
     }
 
-    /// Accepts until `shutdown`; each connection runs in its own task on `tracker`.
+    /// Accepts until `shutdown`; each connection runs in its own task on `tracker`, on the
+    /// runtime this loop runs on. Several loops (one per worker thread) may serve one
+    /// listener: each connection is accepted by exactly one of them.
     pub async fn serve(
-        self,
+        self: Arc<Self>,
         shared: Arc<Shared>,
         tracker: TaskTracker,
         shutdown: CancellationToken,
     ) {
-        info!(listener = %self.ctx.name, address = ?self.socket.local_addr().ok(), "listening");
+        let socket = match self.socket.try_clone().and_then(TcpListener::from_std) {
+            Ok(s) => s,
+            Err(e) => {
+                // Only when out of descriptors at start-up; the other workers still accept.
+                warn!(listener = %self.ctx.name, error = %e, "cannot accept on this worker");
+                return;
+            }
+        };
+        debug!(listener = %self.ctx.name, address = ?self.socket.local_addr().ok(), "accepting");
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                a = self.socket.accept() => a,
+                a = socket.accept() => a,
             };
             let (tcp, peer) = match accepted {
                 Ok(a) => a,
@@ -355,7 +368,7 @@ impl Connection {
 const LISTEN_BACKLOG: u32 = 4096;
 
 /// Binds and listens on `address` with [`LISTEN_BACKLOG`].
-fn listen(address: SocketAddr) -> std::io::Result<TcpListener> {
+fn listen(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let socket = if address.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -365,7 +378,7 @@ fn listen(address: SocketAddr) -> std::io::Result<TcpListener> {
     // out the old connections' TIME_WAIT.
     socket.set_reuseaddr(true)?;
     socket.bind(address)?;
-    socket.listen(LISTEN_BACKLOG)
+    socket.listen(LISTEN_BACKLOG)?.into_std()
 }
 
 /// How long a refused connection may take to be told so.
