@@ -13,11 +13,13 @@
 //! The control plane (admin server, reloads, signals) stays on the caller's runtime.
 
 use std::io;
+use std::net::SocketAddr;
 use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::runtime::{Builder, Handle, Runtime};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
@@ -95,6 +97,7 @@ impl Accepting {
                         Arc::clone(shared),
                         tracker.clone(),
                         shutdown.clone(),
+                        None,
                     ))
                 })
                 .collect(),
@@ -166,6 +169,10 @@ impl Workers {
             .collect::<io::Result<Vec<Runtime>>>()?;
         let stop_accepting = shutdown.child_token();
         let end = finished.child_token();
+        let loads: Arc<[AtomicUsize]> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+        let (senders, mut receivers): (Vec<_>, Vec<_>) =
+            (0..n).map(|_| mpsc::unbounded_channel()).unzip();
+        let senders: Arc<[mpsc::UnboundedSender<HandOff>]> = senders.into();
         let mut handles = shared.workers.lock();
         let mut threads = Vec::with_capacity(n);
         let mut accepting = Vec::with_capacity(n);
@@ -178,6 +185,12 @@ impl Workers {
                 stop_accepting: stop_accepting.clone(),
                 end: end.clone(),
                 done,
+                balance: Balance {
+                    me: i,
+                    loads: Arc::clone(&loads),
+                    workers: Arc::clone(&senders),
+                },
+                handed: receivers.remove(0),
             };
             let handle = runtime.handle().clone();
             let thread = std::thread::Builder::new()
@@ -213,22 +226,144 @@ struct WorkerTask {
     stop_accepting: CancellationToken,
     end: CancellationToken,
     done: oneshot::Sender<()>,
+    balance: Balance,
+    /// Connections other workers accepted and handed to this one.
+    handed: mpsc::UnboundedReceiver<HandOff>,
 }
 
 impl WorkerTask {
     async fn run(self) {
+        let WorkerTask {
+            shared,
+            listeners,
+            tracker,
+            stop_accepting,
+            end,
+            done,
+            balance,
+            mut handed,
+        } = self;
         let mut loops = JoinSet::new();
-        for l in self.listeners {
+        for l in listeners {
             loops.spawn(l.serve(
-                Arc::clone(&self.shared),
-                self.tracker.clone(),
-                self.stop_accepting.clone(),
+                Arc::clone(&shared),
+                tracker.clone(),
+                stop_accepting.clone(),
+                Some(balance.clone()),
             ));
         }
-        while loops.join_next().await.is_some() {}
-        let _ = self.done.send(());
+        let me = balance.me;
+        let take = |h: HandOff| match tokio::net::TcpStream::from_std(h.tcp) {
+            Ok(tcp) => {
+                let load = LoadGuard {
+                    loads: Arc::clone(&balance.loads),
+                    worker: me,
+                };
+                h.listener.admit(tcp, h.peer, &shared, &tracker, Some(load));
+            }
+            // The connection is closed; its place was counted on this worker.
+            Err(_) => {
+                balance.loads[me].fetch_sub(1, Ordering::Relaxed);
+            }
+        };
+        loop {
+            tokio::select! {
+                Some(h) = handed.recv() => take(h),
+                next = loops.join_next() => if next.is_none() { break },
+            }
+        }
+        // Handed over just before the accept loops stopped: taken in, so that they hear the
+        // shutdown's BYE like every other connection.
+        while let Ok(h) = handed.try_recv() {
+            take(h);
+        }
+        let _ = done.send(());
         // A current-thread runtime runs its tasks only while it is driven: the sessions
         // this worker accepted need it until they have ended.
-        self.end.cancelled().await;
+        end.cancelled().await;
+    }
+}
+
+/// How far above the least loaded worker a worker may be and still keep what it accepts.
+/// Above it, the connection is handed over (two `epoll_ctl` calls and one wake-up of the
+/// other thread); within it, no connection changes thread. One keeps a handful of long
+/// sessions (the latency benchmark's 8) evenly spread without moving every other login.
+const BALANCE_SLACK: usize = 1;
+
+/// A worker's view of the others' loads, for handing a connection to the least loaded.
+#[derive(Clone)]
+pub struct Balance {
+    me: usize,
+    /// Live connections per worker.
+    loads: Arc<[AtomicUsize]>,
+    workers: Arc<[mpsc::UnboundedSender<HandOff>]>,
+}
+
+/// A connection on its way to another worker: the descriptor, no longer registered with
+/// the accepting worker's runtime.
+pub struct HandOff {
+    listener: Arc<Listener>,
+    tcp: std::net::TcpStream,
+    peer: SocketAddr,
+}
+
+impl Balance {
+    /// Keeps `tcp` here (with its place counted) unless another worker has more than
+    /// [`BALANCE_SLACK`] fewer connections; then it is handed to the least loaded one.
+    pub fn place(
+        &self,
+        listener: &Arc<Listener>,
+        tcp: tokio::net::TcpStream,
+        peer: SocketAddr,
+    ) -> Option<(tokio::net::TcpStream, LoadGuard)> {
+        let mine = self.loads[self.me].load(Ordering::Relaxed);
+        let (least, fewest) = self
+            .loads
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (i, l.load(Ordering::Relaxed)))
+            .min_by_key(|&(_, l)| l)
+            .unwrap_or((self.me, mine));
+        if least != self.me && mine > fewest + BALANCE_SLACK {
+            // Counted there at once, so that the next decisions see it.
+            self.loads[least].fetch_add(1, Ordering::Relaxed);
+            let handed = tcp.into_std().map(|tcp| HandOff {
+                listener: Arc::clone(listener),
+                tcp,
+                peer,
+            });
+            match handed {
+                Ok(h) => {
+                    if self.workers[least].send(h).is_err() {
+                        // That worker has ended (shutting down): the connection closes.
+                        self.loads[least].fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
+                Err(_) => {
+                    self.loads[least].fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+            return None;
+        }
+        self.loads[self.me].fetch_add(1, Ordering::Relaxed);
+        Some((
+            tcp,
+            LoadGuard {
+                loads: Arc::clone(&self.loads),
+                worker: self.me,
+            },
+        ))
+    }
+}
+
+/// A connection's place in its worker's count, given back when its task ends.
+pub struct LoadGuard {
+    loads: Arc<[AtomicUsize]>,
+    worker: usize,
+}
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        self.loads[self.worker].fetch_sub(1, Ordering::Relaxed);
     }
 }
