@@ -192,18 +192,22 @@ impl Gateway {
             certs,
             finished.clone(),
         )));
-        let listeners: Vec<Arc<net::Listener>> = self.listeners.into_iter().map(Arc::new).collect();
-        for l in &listeners {
-            tracing::info!(listener = %l.name(), address = ?l.local_addr().ok(), "listening");
+        let mut accept_loops = Vec::new();
+        for l in self.listeners {
+            accept_loops.push(tokio::spawn(l.serve(
+                Arc::clone(&shared),
+                tracker.clone(),
+                shutdown.clone(),
+            )));
         }
-        let mut accepting =
-            net::workers::Accepting::start(&shared, &listeners, &tracker, &shutdown, &finished);
         shutdown.cancelled().await;
         shared.lifecycle.drain();
         shared.metrics.draining.set(1);
         let open = shared.lifecycle.sessions();
         tracing::info!(sessions = open, "draining");
-        accepting.stopped().await;
+        for handle in accept_loops {
+            let _ = handle.await;
+        }
         tracker.close();
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             tracing::warn!(
@@ -222,7 +226,6 @@ impl Gateway {
             }
         }
         finished.cancel();
-        accepting.join().await;
         for h in helpers {
             let _ = h.await;
         }

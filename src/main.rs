@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use imap_gateway::Gateway;
-use imap_gateway::config::{Config, LogFormat, RuntimeKind};
+use imap_gateway::config::{Config, LogFormat};
 use imap_gateway::reload::{reload_certificates, reload_routes};
 use imap_gateway::route::{Backend, MountTarget, RouteError, RoutingTable, Trigger};
 use imap_gateway::session::Shared;
@@ -140,19 +140,10 @@ fn init_logging(config: &Config) {
 
 fn run(config: Config) -> ExitCode {
     init_logging(&config);
-    let perf = &config.performance;
-    let mut builder = match perf.runtime {
-        // Sessions run on worker threads of their own; this runtime has only the admin
-        // server, reloads and signals.
-        RuntimeKind::ThreadPerCore => tokio::runtime::Builder::new_current_thread(),
-        RuntimeKind::WorkStealing => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            if perf.worker_threads > 0 {
-                b.worker_threads(perf.worker_threads);
-            }
-            b
-        }
-    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if config.performance.worker_threads > 0 {
+        builder.worker_threads(config.performance.worker_threads);
+    }
     let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {

@@ -50,8 +50,6 @@ pub struct Shared {
     pub penalty: AuthPenalty,
     /// Backend host names to addresses, remembered for `performance.dns_ttl`.
     pub resolver: Resolver,
-    /// The worker threads' runtimes, when sessions run on them.
-    pub workers: crate::net::workers::WorkerHandles,
     next_session: AtomicU64,
     /// Distinguishes this process's session ids from other replicas'.
     nonce: u32,
@@ -95,7 +93,6 @@ impl Shared {
         );
         Ok(Self {
             resolver,
-            workers: Default::default(),
             connections,
             users,
             penalty,

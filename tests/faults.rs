@@ -55,9 +55,7 @@ impl Census {
     }
 }
 
-/// Tasks are counted on the test's runtime (the gateway's helpers) and on the gateway's
-/// worker runtimes (its sessions).
-fn census(gw: &TestGateway) -> Census {
+fn census() -> Census {
     let (mut fds, mut pipes) = (0usize, 0usize);
     for entry in std::fs::read_dir("/proc/self/fd").expect("/proc/self/fd") {
         // An entry can vanish between listing and reading (the listing's own descriptor).
@@ -75,16 +73,15 @@ fn census(gw: &TestGateway) -> Census {
         pipes: pipes.saturating_sub(2 * imap_gateway::relay::pooled_pipes()),
         tasks: tokio::runtime::Handle::current()
             .metrics()
-            .num_alive_tasks()
-            + gw.shared.workers.alive_tasks(),
+            .num_alive_tasks(),
     }
 }
 
 /// Waits until the census is back to `before`; fails with both counts if it never is.
-async fn settles_to(gw: &TestGateway, before: Census) {
+async fn settles_to(before: Census) {
     let deadline = tokio::time::Instant::now() + common::imap::WAIT;
     loop {
-        let now = census(gw);
+        let now = census();
         if now.settled(&before) {
             return;
         }
@@ -108,7 +105,7 @@ async fn warm_census(gw: &TestGateway) -> Census {
     })
     .await;
     let deadline = tokio::time::Instant::now() + common::imap::WAIT;
-    let mut last = census(gw);
+    let mut last = census();
     let mut same = 0;
     while same < 3 {
         assert!(
@@ -116,7 +113,7 @@ async fn warm_census(gw: &TestGateway) -> Census {
             "never still: {last:?}"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
-        let now = census(gw);
+        let now = census();
         same = if now == last { same + 1 } else { 0 };
         last = now;
     }
@@ -160,7 +157,7 @@ impl Scene {
         healthy.login("bob", "bobpw").await;
         let r = healthy.cmd("SELECT INBOX").await;
         assert!(r.contains("* 1 EXISTS"), "{r}");
-        let before = census(&gw);
+        let before = census();
         Scene {
             dovecot,
             gw,
@@ -172,7 +169,7 @@ impl Scene {
     /// Once the faulty session's client is gone: everything it held is released, and the
     /// healthy session still fetches its message. Ends the gateway.
     async fn check_and_stop(mut self) {
-        settles_to(&self.gw, self.before).await;
+        settles_to(self.before).await;
         assert!(tagged_ok(&self.healthy.cmd("NOOP").await));
         let r = self.healthy.cmd("FETCH 1 BODY.PEEK[]").await;
         assert!(tagged_ok(&r), "{r}");
@@ -547,7 +544,7 @@ async fn append_cut_by_a_backend_restart_is_stored_once_or_refused() {
     assert_eq!(append_and_count(&mut direct, "INBOX", &msg, &id).await, 1);
     drop(direct);
 
-    settles_to(&gw, before).await;
+    settles_to(before).await;
     // The gateway reaches the restarted backend for new sessions.
     let mut again = Client::connect(gw.addr).await;
     again.login("alice", "alicepw").await;
@@ -626,7 +623,7 @@ async fn append_to_a_mount_cut_by_its_restart_is_refused_and_not_stored() {
     assert_eq!(count_id(&mut direct, &id).await, 0);
     assert_eq!(append_and_count(&mut direct, "Team", &msg, &id).await, 1);
     drop(direct);
-    settles_to(&gw, before).await;
+    settles_to(before).await;
     gw.stop().await;
 }
 
@@ -733,7 +730,7 @@ async fn client_dying_mid_append_literal_to_a_mount() {
     assert!(cont.starts_with(b"+"), "{}", String::from_utf8_lossy(&cont));
     c.write(&msg[..SIZE / 2]).await;
     drop(c);
-    settles_to(&gw, before).await;
+    settles_to(before).await;
     until("the mounted Dovecot saw the session end", || {
         mounted.log_contents().contains("Disconnected")
     })

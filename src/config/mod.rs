@@ -408,9 +408,7 @@ impl Default for LogConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PerformanceConfig {
-    /// How sessions are spread over threads.
-    pub runtime: RuntimeKind,
-    /// Threads that run sessions; 0: one per CPU the process may use (a container's CPU
+    /// Threads of the async runtime; 0: one per CPU the process may use (a container's CPU
     /// quota included). Set it to the pod's CPU limit when the quota is not visible.
     pub worker_threads: usize,
     /// Move literal data between two plain TCP connections with splice(2), inside the
@@ -426,26 +424,11 @@ pub struct PerformanceConfig {
 impl Default for PerformanceConfig {
     fn default() -> Self {
         Self {
-            runtime: RuntimeKind::ThreadPerCore,
             worker_threads: 0,
             splice: true,
             dns_ttl: DEFAULT_DNS_TTL,
         }
     }
-}
-
-/// How the gateway's sessions are spread over its worker threads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum RuntimeKind {
-    /// Each worker thread runs its own single-threaded runtime, accepts connections itself
-    /// and runs every session it accepted to the end. A session's wake-ups never cross
-    /// threads (as in nginx's worker processes); the kernel hands each new connection to
-    /// whichever worker is free to accept it first.
-    ThreadPerCore,
-    /// One work-stealing runtime: idle workers take sessions from busy ones, at the cost of
-    /// waking each other (a futex and a context switch) for much of the I/O.
-    WorkStealing,
 }
 
 /// Short enough that a backend moved to a new address (a rescheduled pod) is found within

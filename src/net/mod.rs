@@ -9,7 +9,6 @@
 //! `proxy_protocol` listener. The connection's place ([`ConnSlot`]) lives in its task.
 
 pub mod proxy;
-pub mod workers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::{ListenerConfig, ListenerMode};
 use crate::limits::{ConnSlot, LimitError};
@@ -59,9 +58,7 @@ pub struct Listener {
     implicit_tls: bool,
     /// Set on a `proxy_protocol` listener.
     proxy: Option<Arc<ProxyPolicy>>,
-    /// Not tied to a runtime: each accept loop registers its own duplicate of it with the
-    /// runtime it runs on (one per worker thread).
-    socket: std::net::TcpListener,
+    socket: TcpListener,
 }
 
 impl Listener {
@@ -126,30 +123,18 @@ impl Listener {
         self.socket.local_addr()
     }
 
-    /// Accepts until `shutdown`; each connection runs in its own task on `tracker`, on the
-    /// runtime this loop runs on, or (with `balance`) on a less loaded worker's. Several
-    /// loops (one per worker thread) may serve one listener: each connection is accepted by
-    /// exactly one of them.
+    /// Accepts until `shutdown`; each connection runs in its own task on `tracker`.
     pub async fn serve(
-        self: Arc<Self>,
+        self,
         shared: Arc<Shared>,
         tracker: TaskTracker,
         shutdown: CancellationToken,
-        balance: Option<workers::Balance>,
     ) {
-        let socket = match self.socket.try_clone().and_then(TcpListener::from_std) {
-            Ok(s) => s,
-            Err(e) => {
-                // Only when out of descriptors at start-up; the other workers still accept.
-                warn!(listener = %self.ctx.name, error = %e, "cannot accept on this worker");
-                return;
-            }
-        };
-        debug!(listener = %self.ctx.name, address = ?self.socket.local_addr().ok(), "accepting");
+        info!(listener = %self.ctx.name, address = ?self.socket.local_addr().ok(), "listening");
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                a = socket.accept() => a,
+                a = self.socket.accept() => a,
             };
             let (tcp, peer) = match accepted {
                 Ok(a) => a,
@@ -160,84 +145,62 @@ impl Listener {
                     continue;
                 }
             };
-            match &balance {
-                None => self.admit(tcp, peer, &shared, &tracker, None),
-                Some(b) => {
-                    if let Some((tcp, load)) = b.place(&self, tcp, peer) {
-                        self.admit(tcp, peer, &shared, &tracker, Some(load));
+            let _ = tcp.set_nodelay(true);
+            let counters = &self.ctx.metrics;
+            counters.accepted.inc();
+            if let Some(policy) = &self.proxy {
+                // Decided here, before a task or a byte read: an untrusted peer's header could
+                // claim any address, so the connection is closed unread and nothing is said.
+                if let Err(e) = policy.check_peer(peer) {
+                    if let Some(reason) = proxy::rejected_reason(&e) {
+                        counters.proxy_rejected(reason);
                     }
+                    debug!(listener = %self.ctx.name, %peer, error = %e, "PROXY protocol from an untrusted peer: closed");
+                    continue;
                 }
             }
-        }
-    }
-
-    /// Takes an accepted connection in: the connection limits, then a task on `tracker` (on
-    /// the current runtime) for its PROXY header, TLS handshake and session. `load` is its
-    /// place in its worker's count, held until the task ends.
-    pub fn admit(
-        &self,
-        tcp: tokio::net::TcpStream,
-        peer: SocketAddr,
-        shared: &Arc<Shared>,
-        tracker: &TaskTracker,
-        load: Option<workers::LoadGuard>,
-    ) {
-        let _ = tcp.set_nodelay(true);
-        let counters = &self.ctx.metrics;
-        counters.accepted.inc();
-        if let Some(policy) = &self.proxy {
-            // Decided here, before a task or a byte read: an untrusted peer's header could
-            // claim any address, so the connection is closed unread and nothing is said.
-            if let Err(e) = policy.check_peer(peer) {
-                if let Some(reason) = proxy::rejected_reason(&e) {
-                    counters.proxy_rejected(reason);
+            // Refused here, before a task is spawned: past the limit, a connection costs no
+            // more than its accept.
+            let mut slot = match shared.connections.acquire() {
+                Ok(slot) => slot,
+                Err(e) => {
+                    refuse_at_once(&tcp, self.implicit_tls, e, &shared.metrics);
+                    debug!(listener = %self.ctx.name, %peer, "too many connections: closed");
+                    continue;
                 }
-                debug!(listener = %self.ctx.name, %peer, error = %e, "PROXY protocol from an untrusted peer: closed");
-                return;
-            }
-        }
-        // Refused here, before a task is spawned: past the limit, a connection costs no
-        // more than its accept.
-        let mut slot = match shared.connections.acquire() {
-            Ok(slot) => slot,
-            Err(e) => {
+            };
+            // Behind a PROXY-protocol load balancer the client's address comes with the
+            // header, in the connection's task.
+            if self.proxy.is_none()
+                && let Err(e) = slot.claim_ip(peer.ip())
+            {
                 refuse_at_once(&tcp, self.implicit_tls, e, &shared.metrics);
-                debug!(listener = %self.ctx.name, %peer, "too many connections: closed");
-                return;
+                debug!(listener = %self.ctx.name, %peer, "too many connections from the address: closed");
+                continue;
             }
-        };
-        // Behind a PROXY-protocol load balancer the client's address comes with the
-        // header, in the connection's task.
-        if self.proxy.is_none()
-            && let Err(e) = slot.claim_ip(peer.ip())
-        {
-            refuse_at_once(&tcp, self.implicit_tls, e, &shared.metrics);
-            debug!(listener = %self.ctx.name, %peer, "too many connections from the address: closed");
-            return;
+            let active = ActiveGuard::new(counters.active.clone());
+            let local = tcp.local_addr().unwrap_or(peer);
+            let started = Instant::now();
+            let deadline = started + shared.config.timeouts.preauth;
+            // Registered at once, so a shutdown reaches the connection in every stage,
+            // TLS handshake and backend login included.
+            let registration = shared.lifecycle.register();
+            let conn = Connection {
+                ctx: Arc::clone(&self.ctx),
+                shared: Arc::clone(&shared),
+                tcp,
+                peer,
+                local,
+                started,
+                deadline,
+                implicit_tls: self.implicit_tls,
+                proxy: self.proxy.is_some(),
+                registration,
+                active,
+                slot,
+            };
+            tracker.spawn(conn.run());
         }
-        let active = ActiveGuard::new(counters.active.clone());
-        let local = tcp.local_addr().unwrap_or(peer);
-        let started = Instant::now();
-        let deadline = started + shared.config.timeouts.preauth;
-        // Registered at once, so a shutdown reaches the connection in every stage,
-        // TLS handshake and backend login included.
-        let registration = shared.lifecycle.register();
-        let conn = Connection {
-            ctx: Arc::clone(&self.ctx),
-            shared: Arc::clone(shared),
-            tcp,
-            peer,
-            local,
-            started,
-            deadline,
-            implicit_tls: self.implicit_tls,
-            proxy: self.proxy.is_some(),
-            registration,
-            active,
-            slot,
-            load,
-        };
-        tracker.spawn(conn.run());
     }
 }
 
@@ -255,8 +218,6 @@ struct Connection {
     registration: crate::shutdown::SessionGuard,
     active: ActiveGuard,
     slot: ConnSlot,
-    /// The connection's place in its worker's count.
-    load: Option<workers::LoadGuard>,
 }
 
 /// A connection with its PROXY header read and its TLS handshake done.
@@ -279,13 +240,11 @@ impl Connection {
     /// Not an `async fn`: the task's future keeps only the stage it is in, not also the
     /// connection it was made from (the spawned future is stored once; a future captured by
     /// another and awaited there is stored twice).
-    fn run(mut self) -> impl Future<Output = ()> + Send {
+    fn run(self) -> impl Future<Output = ()> + Send {
         let stop = self.registration.stop().clone();
-        let load = self.load.take();
         // Boxed: the PROXY header and TLS handshake states are freed once they are done.
         let accept = Box::pin(self.accept());
         async move {
-            let _load = load;
             let accepted = tokio::select! {
                 biased;
                 accepted = accept => accepted,
@@ -322,7 +281,6 @@ impl Connection {
             registration,
             active,
             mut slot,
-            load: _,
         } = self;
         let counters = &ctx.metrics;
         let (client, local) = if proxy {
@@ -397,7 +355,7 @@ impl Connection {
 const LISTEN_BACKLOG: u32 = 4096;
 
 /// Binds and listens on `address` with [`LISTEN_BACKLOG`].
-fn listen(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+fn listen(address: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if address.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -407,7 +365,7 @@ fn listen(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     // out the old connections' TIME_WAIT.
     socket.set_reuseaddr(true)?;
     socket.bind(address)?;
-    socket.listen(LISTEN_BACKLOG)?.into_std()
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// How long a refused connection may take to be told so.
