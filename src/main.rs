@@ -1,7 +1,6 @@
 //! The `imap-gateway` binary: command line, logging set-up, signals and exit codes.
 
 use std::io::IsTerminal;
-use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -125,21 +124,6 @@ fn route(config: &Config, user: &str) -> ExitCode {
     }
 }
 
-/// Standard output as the log's writer, written with one `write(2)` per line and no lock in
-/// the process: `std::io::stdout()` serialises every line through a mutex, which sessions on
-/// two threads logging at once turned into futex sleeps and context switches (0.03-0.08 ms
-/// of gateway CPU per login at two lines a login; docs/benchmarks.md). Each line is formatted
-/// whole before it is written, so lines do not interleave.
-struct LogOut(std::fs::File);
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogOut {
-    type Writer = &'a std::fs::File;
-
-    fn make_writer(&'a self) -> Self::Writer {
-        &self.0
-    }
-}
-
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log.level))
@@ -148,19 +132,9 @@ fn init_logging(config: &Config) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stdout().is_terminal());
-    // A duplicate of descriptor 1: the same file, pipe or terminal.
-    match std::io::stdout().as_fd().try_clone_to_owned() {
-        Ok(fd) => {
-            let builder = builder.with_writer(LogOut(std::fs::File::from(fd)));
-            match config.log.format {
-                LogFormat::Json => builder.json().init(),
-                LogFormat::Text => builder.init(),
-            }
-        }
-        Err(_) => match config.log.format {
-            LogFormat::Json => builder.json().init(),
-            LogFormat::Text => builder.init(),
-        },
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
     }
 }
 
