@@ -221,6 +221,8 @@ async fn per_user_session_limit_refuses_the_login_with_limit_and_logs_out_the_ba
     gw.stop().await;
 }
 
+/// Sessions ended for `reason`. Counted as each session's task finishes, just after its
+/// socket is closed, so a client that has seen the close waits for the count (`until`).
 fn ended(gw: &TestGateway, reason: &str) -> u64 {
     gw.shared
         .metrics
@@ -301,7 +303,7 @@ async fn autologout_after_silence_and_in_idle_with_backend_logout() {
     let rest = String::from_utf8(stuck.read_to_end().await).unwrap();
     assert_eq!(rest, AUTOLOGOUT_BYE);
 
-    until("3 session(s) ended by autologout", || {
+    until("three sessions ended by autologout", || {
         ended(&gw, "autologout") == 3
     })
     .await;
@@ -359,7 +361,7 @@ async fn autologout_with_mounts_between_commands_and_in_idle() {
         logouts(&home, "alice") == 1 && logouts(&home, "bob") == 1
     })
     .await;
-    until("2 session(s) ended by autologout", || {
+    until("two sessions ended by autologout", || {
         ended(&gw, "autologout") == 2
     })
     .await;
@@ -582,7 +584,7 @@ async fn autologout_and_spliced_literals() {
     c.write(&msg[..msg.len() / 2]).await;
     let rest = String::from_utf8(c.read_to_end().await).unwrap();
     assert_eq!(rest, AUTOLOGOUT_BYE);
-    until("1 session(s) ended by autologout", || {
+    until("the session ended by autologout", || {
         ended(&gw, "autologout") == 1
     })
     .await;
@@ -607,7 +609,7 @@ async fn autologout_in_an_append_literal_to_a_mount() {
     let rest = String::from_utf8(c.read_to_end().await).unwrap();
     assert!(rest.ends_with(AUTOLOGOUT_BYE), "{rest:?}");
     assert!(since.elapsed() >= AUTOLOGOUT - Duration::from_millis(50));
-    until("1 session(s) ended by autologout", || {
+    until("the session ended by autologout", || {
         ended(&gw, "autologout") == 1
     })
     .await;
