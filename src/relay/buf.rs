@@ -8,7 +8,8 @@
 use std::io;
 use std::sync::{Mutex, PoisonError};
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, Interest};
+use tokio::net::tcp;
 
 use crate::stream::ReadHalf;
 
@@ -85,6 +86,27 @@ pub fn normalize(slot: &mut Option<Buf>, filled: usize) {
     }
 }
 
+/// One read from a plain socket. A read that fills less than `buf` has drained the socket
+/// (epoll is edge-triggered), so the socket's readiness is cleared with it: the next read
+/// then waits for the next edge instead of making a `recv` that can only say `EAGAIN`, one
+/// wasted system call per direction per command. The readiness is cleared as of before this
+/// read, the way tokio's own `poll_read` does, so data that arrives meanwhile is not missed.
+fn read_draining(r: &tcp::ReadHalf<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    let len = buf.len();
+    let mut partial = 0;
+    let read = r.as_ref().try_io(Interest::READABLE, || match r.try_read(buf) {
+        Ok(n) if 0 < n && n < len => {
+            partial = n;
+            Err(io::ErrorKind::WouldBlock.into())
+        }
+        done => done,
+    });
+    match read {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && partial > 0 => Ok(partial),
+        done => done,
+    }
+}
+
 /// Reads into the buffer in `slot` after its first `filled` bytes and returns how many came
 /// (0 at the end of the stream). The wait for data happens without a buffer: an empty buffer
 /// goes back to the pool first, and one is taken once there is data.
@@ -97,7 +119,7 @@ pub async fn read_into(
     match r {
         ReadHalf::Plain(r) => loop {
             if let Some(buf) = slot {
-                match r.try_read(&mut buf[filled..]) {
+                match read_draining(r, &mut buf[filled..]) {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     done => return done,
                 }
@@ -132,5 +154,88 @@ pub async fn read_into(
             let buf = slot.get_or_insert_with(Buf::take);
             r.read(&mut buf[filled..]).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        (client.unwrap(), accepted.unwrap().0)
+    }
+
+    /// A partial read clears the socket's readiness; data that comes after it, at once or
+    /// later, must still wake the next read.
+    #[tokio::test]
+    async fn a_partial_read_does_not_lose_the_next_data() {
+        let (mut writer, mut reader) = pair().await;
+        let (r, _w) = reader.split();
+        let mut r = ReadHalf::Plain(r);
+        let mut slot = None;
+        let wait = Duration::from_secs(5);
+
+        writer.write_all(b"a1 NOOP\r\n").await.unwrap();
+        let n = tokio::time::timeout(wait, read_into(&mut r, &mut slot, 0))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&slot.as_ref().unwrap()[..n], b"a1 NOOP\r\n");
+
+        // Sent before the next read starts: the readiness cleared above is not this data's.
+        writer.write_all(b"a2 NOOP\r\n").await.unwrap();
+        let n = tokio::time::timeout(wait, read_into(&mut r, &mut slot, 0))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&slot.as_ref().unwrap()[..n], b"a2 NOOP\r\n");
+
+        // Sent while the read waits.
+        let late = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            writer.write_all(b"a3 NOOP\r\n").await.unwrap();
+        };
+        let (n, ()) = tokio::join!(
+            tokio::time::timeout(wait, read_into(&mut r, &mut slot, 0)),
+            late
+        );
+        let n = n.unwrap().unwrap();
+        assert_eq!(&slot.as_ref().unwrap()[..n], b"a3 NOOP\r\n");
+
+        drop(writer);
+        let n = tokio::time::timeout(wait, read_into(&mut r, &mut slot, 0))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 0, "the end of the stream reads as 0");
+    }
+
+    /// A read that fills the buffer leaves the readiness set: the rest is read without a wait.
+    #[tokio::test]
+    async fn a_full_read_is_followed_by_the_rest() {
+        let (mut writer, mut reader) = pair().await;
+        let (r, _w) = reader.split();
+        let mut r = ReadHalf::Plain(r);
+        let mut slot = None;
+        let data = vec![b'x'; BUF_SIZE + 100];
+        writer.write_all(&data).await.unwrap();
+        let mut total = 0;
+        while total < data.len() {
+            let n = tokio::time::timeout(Duration::from_secs(5), read_into(&mut r, &mut slot, 0))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0);
+            total += n;
+        }
+        assert_eq!(total, data.len());
     }
 }
