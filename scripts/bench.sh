@@ -29,7 +29,9 @@
 #   --messages M          messages of --size bytes in INBOX of users 1..fetch-clients [5]
 #   --size BYTES          size of those messages [2000000]
 #   --repeat N            run the whole set N times [1]
-#   --gw-log LEVEL        the gateway's log level [info]
+#   --gw-log LEVEL        the gateway's log level, and nginx's error_log level to match
+#                         (anything finer than info: info, as nginx's debug needs a debug
+#                         build) [info]
 #   --gw-perf TOML        extra lines for the gateway's [performance] section, e.g.
 #                         'splice = false' or 'worker_threads = 1' (to measure what they do)
 #   --pass-scheme S       the users' password scheme in Dovecot's passdb: PLAIN, or CRYPT
@@ -530,6 +532,10 @@ want_peer && write_peer_conf
 # the backend with the client's credentials and relays.
 write_nginx_conf() {
   local d=$NGINX_DIR
+  # The same log level as the gateway's: at info both write their lines per session (nginx
+  # three: connected, logged in, session done), at warn neither writes any.
+  local level=$GW_LOG
+  case $level in error | warn | info) ;; off) level=emerg ;; *) level=info ;; esac
   mkdir -p "$d/tmp"
   cat >"$d/nginx.conf" <<EOF
 # Written by scripts/bench.sh: nginx's mail proxy, a peer measured beside the gateway.
@@ -538,7 +544,7 @@ daemon off;
 worker_processes auto;
 worker_rlimit_nofile 20000;
 pid $d/nginx.pid;
-error_log $d/error.log warn;
+error_log $d/error.log $level;
 events {
   worker_connections 10000;
 }
