@@ -94,13 +94,15 @@ pub fn normalize(slot: &mut Option<Buf>, filled: usize) {
 fn read_draining(r: &tcp::ReadHalf<'_>, buf: &mut [u8]) -> io::Result<usize> {
     let len = buf.len();
     let mut partial = 0;
-    let read = r.as_ref().try_io(Interest::READABLE, || match r.try_read(buf) {
-        Ok(n) if 0 < n && n < len => {
-            partial = n;
-            Err(io::ErrorKind::WouldBlock.into())
-        }
-        done => done,
-    });
+    let read = r
+        .as_ref()
+        .try_io(Interest::READABLE, || match r.try_read(buf) {
+            Ok(n) if 0 < n && n < len => {
+                partial = n;
+                Err(io::ErrorKind::WouldBlock.into())
+            }
+            done => done,
+        });
     match read {
         Err(e) if e.kind() == io::ErrorKind::WouldBlock && partial > 0 => Ok(partial),
         done => done,
