@@ -20,7 +20,7 @@
 #   --idle-tls L          comma list of idle session counts of idle-tls: the clients use
 #                         implicit TLS (Dovecot's TLS ports, the gateway's TLS listener) [1000]
 #   --idle-hold D         how long the idle sessions are held [10s]
-#   --idle-ramp R         new idle sessions per second [500]
+#   --idle-ramp R         new idle sessions per second, and ended ones after the hold [500]
 #   --idle-cap N          most idle sessions per gateway process [what the open-files limit
 #                         allows one process: (limit - 200) / 2]; a larger idle count is run
 #                         through several gateway processes (and loadgen processes), each on

@@ -9,7 +9,8 @@
 //! - `login`: connect, (TLS,) greeting, LOGIN, LOGOUT, close; one op per login.
 //! - `fetch`: log in, SELECT, then `FETCH n BODY.PEEK[]` over the mailbox's messages.
 //! - `latency`: log in, SELECT, then NOOP and `UID FETCH n FLAGS` round trips, one at a time.
-//! - `idle`: ramp up `--clients` sessions into IDLE, hold them, then DONE + LOGOUT.
+//! - `idle`: ramp up `--clients` sessions into IDLE, hold them, then DONE + LOGOUT, ramped
+//!   down at the same rate.
 
 mod imap;
 mod net;
@@ -124,7 +125,8 @@ struct Args {
         default_value = "noop,uid-fetch-flags"
     )]
     commands: Vec<Command>,
-    /// Idle: new sessions per second while ramping up.
+    /// Idle: new sessions per second while ramping up, and sessions ended per second after
+    /// the hold.
     #[arg(long, default_value_t = 500.0)]
     idle_ramp: f64,
     /// Idle: at most this many sessions logging in at once while ramping up.
@@ -532,7 +534,10 @@ async fn run_load(ctx: Arc<Ctx>, nofile: u64) -> Result<Value> {
     Ok(Value::Object(m))
 }
 
-/// Idle hold: ramp up, hold in IDLE, then DONE + LOGOUT.
+/// Idle hold: ramp up, hold in IDLE, then DONE + LOGOUT, ramped down at the rate of the ramp
+/// up. Ending every session at the same instant would measure the backend's worst burst
+/// (Dovecot, which hibernates idle sessions, fails to wake thousands at once and closes
+/// some), not the holding.
 async fn run_idle(ctx: Arc<Ctx>, nofile: u64) -> Result<Value> {
     let pids = ctx.args.pid.clone();
     let n = ctx.args.clients;
@@ -545,7 +550,8 @@ async fn run_idle(ctx: Arc<Ctx>, nofile: u64) -> Result<Value> {
     let dropped = Arc::new(AtomicU64::new(0));
     // Connect to "+ idling", per session, in microseconds.
     let setup_us = Arc::new(std::sync::Mutex::new(Vec::with_capacity(n as usize)));
-    let (stop_tx, stop_rx) = watch::channel(false);
+    // When the ramp down began; session i ends i / rate after it.
+    let (stop_tx, stop_rx) = watch::channel(None::<Instant>);
     let gate = Arc::new(Semaphore::new(ctx.args.idle_inflight.max(1)));
     let mut set = JoinSet::new();
 
@@ -578,13 +584,21 @@ async fn run_idle(ctx: Arc<Ctx>, nofile: u64) -> Result<Value> {
                 }
                 idling.fetch_add(1, Ordering::Relaxed);
                 stage = "hold";
+                let my_turn = async {
+                    let began = stop.wait_for(Option::is_some).await.ok().and_then(|s| *s);
+                    if let Some(began) = began {
+                        let offset = Duration::from_secs_f64(f64::from(i) / rate);
+                        tokio::time::sleep_until(began + offset).await;
+                    }
+                };
                 tokio::select! {
-                    _ = stop.wait_for(|s| *s) => {}
+                    () = my_turn => {}
                     r = c.watch_idle() => {
                         dropped.fetch_add(1, Ordering::Relaxed);
                         r?;
                     }
                 }
+                let _permit = gate.acquire().await?;
                 stage = "DONE";
                 c.send(b"DONE\r\n").await?;
                 c.read_tagged(b"I", |_| {}).await?;
@@ -619,8 +633,9 @@ async fn run_idle(ctx: Arc<Ctx>, nofile: u64) -> Result<Value> {
     tokio::time::sleep(hold).await;
     let hold_end = Sample::take(&pids, &[], &[])?;
     let idle_at_end = idling.load(Ordering::Relaxed) - dropped.load(Ordering::Relaxed);
-    let _ = stop_tx.send(true);
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let ramp_down = Duration::from_secs_f64(f64::from(n) / rate);
+    let _ = stop_tx.send(Some(Instant::now()));
+    let deadline = Instant::now() + ramp_down + Duration::from_secs(120);
     while let Ok(Some(_)) = tokio::time::timeout_at(deadline, set.join_next()).await {}
     set.abort_all();
     let end = Sample::take(&pids, &[], &[])?;
