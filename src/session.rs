@@ -206,7 +206,7 @@ async fn relay(open: Open, shared: &Shared) -> SessionEnd {
         max_literal: limits.max_literal,
         max_backend_line: limits.max_backend_line,
         backend_logout: shared.config.timeouts.backend_logout,
-        rewrite_referrals: !capability::has(&backend.capabilities, "MAILBOX-REFERRALS"),
+        rewrite_referrals: !backend.capabilities.has("MAILBOX-REFERRALS"),
         splice: shared.config.performance.splice,
         autologout: shared.config.timeouts.autologout(),
         client_send: shared.config.timeouts.client_send,
@@ -427,10 +427,7 @@ async fn open(
     let mut backend = session;
     if credentials.is_none() {
         // The single-backend relay needs only whether MAILBOX-REFERRALS is there.
-        backend
-            .capabilities
-            .retain(|c| c.eq_ignore_ascii_case("MAILBOX-REFERRALS"));
-        backend.capabilities.shrink_to_fit();
+        backend.capabilities.keep_only("MAILBOX-REFERRALS");
     }
     Some(Open {
         client_stream,

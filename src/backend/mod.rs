@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use zeroize::Zeroizing;
 
 use self::resolve::Resolver;
-use crate::proto::capability;
+use crate::proto::capability::Capabilities;
 use crate::proto::proxy;
 use crate::proto::response::{Status, capability_text, parse_status_line, push_quoted};
 use crate::route::{Backend, BackendTls};
@@ -91,7 +91,7 @@ pub struct BackendSession {
     /// Bytes the backend sent after the login answer (untagged responses, normally none).
     pub leftover: Vec<u8>,
     /// The backend's post-login capabilities.
-    pub capabilities: Vec<String>,
+    pub capabilities: Capabilities,
 }
 
 pub struct Timeouts {
@@ -217,14 +217,14 @@ impl<'b> Dialogue<'b> {
         &mut self,
         stream: &mut Stream,
         tag: &str,
-        caps: &mut Option<Vec<String>>,
+        caps: &mut Option<Capabilities>,
     ) -> Result<(Status, Option<String>), BackendError> {
         loop {
             let resp = self.response(stream).await?;
             let line = resp.as_slice();
             if let Some(rest) = line.strip_prefix(b"* ") {
                 if let Some(text) = std::str::from_utf8(rest).ok().and_then(capability_text) {
-                    *caps = Some(capability::parse_list(text));
+                    *caps = Some(Capabilities::parse(text));
                 }
                 if let Some(s) = parse_status_line(line)
                     && s.status == Status::Bye
@@ -246,14 +246,14 @@ impl<'b> Dialogue<'b> {
                 return Err(self.err_protocol(format!("unexpected tag {}", s.tag)));
             }
             if let Some(text) = s.code.and_then(capability_text) {
-                *caps = Some(capability::parse_list(text));
+                *caps = Some(Capabilities::parse(text));
             }
             return Ok((s.status, s.code.map(str::to_owned)));
         }
     }
 
     /// Asks for the capability list (when the server did not volunteer it).
-    async fn capabilities(&mut self, stream: &mut Stream) -> Result<Vec<String>, BackendError> {
+    async fn capabilities(&mut self, stream: &mut Stream) -> Result<Capabilities, BackendError> {
         let tag = self.tag();
         stream
             .write_all(format!("{tag} CAPABILITY\r\n").as_bytes())
@@ -286,7 +286,7 @@ impl<'b> Dialogue<'b> {
         match parse_status_line(&greeting) {
             Some(s) if s.tag == "*" && s.status == Status::Ok => {
                 if let Some(text) = s.code.and_then(capability_text) {
-                    caps = Some(capability::parse_list(text));
+                    caps = Some(Capabilities::parse(text));
                 }
             }
             Some(s) if s.status == Status::Bye => {
@@ -326,7 +326,7 @@ impl<'b> Dialogue<'b> {
 
         // ID and the login command go out in one write: one round trip instead of two.
         let mut out = Zeroizing::new(Vec::with_capacity(512));
-        let id_tag = if self.backend.trusted && capability::has(&caps, "ID") {
+        let id_tag = if self.backend.trusted && caps.has("ID") {
             let tag = self.tag();
             out.extend_from_slice(tag.as_bytes());
             out.extend_from_slice(b" ID (");
@@ -351,8 +351,8 @@ impl<'b> Dialogue<'b> {
             None
         };
         let login_tag = self.tag();
-        let plain = capability::has(&caps, "AUTH=PLAIN");
-        let sasl_ir = capability::has(&caps, "SASL-IR");
+        let plain = caps.has("AUTH=PLAIN");
+        let sasl_ir = caps.has("SASL-IR");
         let plain_response = |authz: &str, authc: &str, pass: &[u8]| {
             let mut raw = Zeroizing::new(Vec::with_capacity(authz.len() + authc.len() + 64));
             raw.extend_from_slice(authz.as_bytes());
@@ -377,7 +377,7 @@ impl<'b> Dialogue<'b> {
                 Some(plain_response("", user, password))
             }
             BackendCredentials::Replay { user, password } => {
-                if capability::has(&caps, "LOGINDISABLED") {
+                if caps.has("LOGINDISABLED") {
                     return Err(self.err_protocol("LOGINDISABLED and no AUTH=PLAIN"));
                 }
                 out.extend_from_slice(login_tag.as_bytes());
@@ -387,7 +387,7 @@ impl<'b> Dialogue<'b> {
                 }
                 out.push(b' ');
                 if !push_quoted(&mut out, password) {
-                    if !capability::has(&caps, "LITERAL+") {
+                    if !caps.has("LITERAL+") {
                         return Err(self.err_protocol("password needs LITERAL+"));
                     }
                     out.extend_from_slice(format!("{{{}+}}\r\n", password.len()).as_bytes());

@@ -21,16 +21,24 @@ pub fn preauth(tls_active: bool, starttls_available: bool, plaintext_allowed: bo
 
 /// Whether the backend's list would stop the gateway from relaying safely if passed on.
 fn dropped(cap: &str) -> bool {
-    let upper = cap.to_ascii_uppercase();
     // COMPRESS would turn the stream into deflate bytes the framer cannot read; STARTTLS,
     // LOGINDISABLED, AUTH= and SASL-IR are pre-login matters the gateway answered itself;
     // channel-binding mechanisms (-PLUS) cannot work through a TLS-terminating proxy.
-    upper.starts_with("COMPRESS=")
-        || upper == "STARTTLS"
-        || upper == "LOGINDISABLED"
-        || upper.starts_with("AUTH=")
-        || upper == "SASL-IR"
-        || upper.ends_with("-PLUS")
+    starts_with_ignore_case(cap, "COMPRESS=")
+        || cap.eq_ignore_ascii_case("STARTTLS")
+        || cap.eq_ignore_ascii_case("LOGINDISABLED")
+        || starts_with_ignore_case(cap, "AUTH=")
+        || cap.eq_ignore_ascii_case("SASL-IR")
+        || ends_with_ignore_case(cap, "-PLUS")
+}
+
+fn starts_with_ignore_case(s: &str, prefix: &str) -> bool {
+    s.len() >= prefix.len() && s.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+}
+
+fn ends_with_ignore_case(s: &str, suffix: &str) -> bool {
+    s.len() >= suffix.len()
+        && s.as_bytes()[s.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
 }
 
 /// Capabilities the gateway adds after login because it implements them itself (RLIST and
@@ -39,21 +47,36 @@ fn dropped(cap: &str) -> bool {
 const ADDED: &[&str] = &["MAILBOX-REFERRALS"];
 
 /// The post-login list for the client: the backend's, filtered, plus the gateway's own.
-pub fn post_login(backend: &[String]) -> String {
-    let mut caps: Vec<&str> = backend
-        .iter()
-        .map(String::as_str)
-        .filter(|c| !dropped(c))
-        .collect();
-    if !caps.iter().any(|c| c.eq_ignore_ascii_case("IMAP4rev1")) {
-        caps.insert(0, "IMAP4rev1");
+pub fn post_login(backend: &Capabilities) -> String {
+    post_login_without(backend, &[])
+}
+
+/// [`post_login`] without the capabilities named in `without`.
+fn post_login_without(backend: &Capabilities, without: &[&str]) -> String {
+    let kept = || {
+        backend
+            .iter()
+            .filter(|c| !dropped(c) && !without.iter().any(|w| c.eq_ignore_ascii_case(w)))
+    };
+    let mut out = String::with_capacity(backend.0.len() + 32);
+    if !kept().any(|c| c.eq_ignore_ascii_case("IMAP4rev1")) {
+        out.push_str("IMAP4rev1");
+    }
+    for cap in kept() {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(cap);
     }
     for add in ADDED {
-        if !caps.iter().any(|c| c.eq_ignore_ascii_case(add)) {
-            caps.push(add);
+        if !kept().any(|c| c.eq_ignore_ascii_case(add)) {
+            if !out.is_empty() {
+                out.push(' ');
+            }
+            out.push_str(add);
         }
     }
-    caps.join(" ")
+    out
 }
 
 /// Extensions a session with mounts cannot honour across servers: the merged LIST answers
@@ -72,23 +95,44 @@ const NOT_ACROSS_SERVERS: &[&str] = &[
 
 /// The post-login list for a session with mounts: [`post_login`] without the extensions
 /// that cannot span several servers.
-pub fn post_login_mounts(backend: &[String]) -> String {
-    let kept: Vec<String> = backend
-        .iter()
-        .filter(|c| !NOT_ACROSS_SERVERS.iter().any(|n| c.eq_ignore_ascii_case(n)))
-        .cloned()
-        .collect();
-    post_login(&kept)
+pub fn post_login_mounts(backend: &Capabilities) -> String {
+    post_login_without(backend, NOT_ACROSS_SERVERS)
 }
 
-/// Case-insensitive membership test.
-pub fn has(caps: &[String], name: &str) -> bool {
-    caps.iter().any(|c| c.eq_ignore_ascii_case(name))
-}
+/// A server's capability list, kept as the one string it came in: atoms are split off on
+/// demand, so taking in Dovecot's fifty costs one allocation rather than fifty-odd, twice
+/// per login (greeting and login answer).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Capabilities(String);
 
-/// Splits a capability list (the text after `CAPABILITY`) into atoms.
-pub fn parse_list(text: &str) -> Vec<String> {
-    text.split_ascii_whitespace().map(str::to_owned).collect()
+impl Capabilities {
+    /// Takes the text after `CAPABILITY`.
+    pub fn parse(text: &str) -> Capabilities {
+        Capabilities(
+            text.trim_matches(|c: char| c.is_ascii_whitespace())
+                .to_owned(),
+        )
+    }
+
+    /// The atoms, in the server's order.
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.0.split_ascii_whitespace()
+    }
+
+    /// Case-insensitive membership test.
+    pub fn has(&self, name: &str) -> bool {
+        self.iter().any(|c| c.eq_ignore_ascii_case(name))
+    }
+
+    /// Keeps only `name`, if the list has it: what a session that needs nothing else of the
+    /// list holds for its lifetime.
+    pub fn keep_only(&mut self, name: &str) {
+        *self = if self.has(name) {
+            Capabilities(name.to_owned())
+        } else {
+            Capabilities::default()
+        };
+    }
 }
 
 #[cfg(test)]
@@ -113,7 +157,7 @@ mod tests {
 
     #[test]
     fn post_login_filters_and_adds() {
-        let backend = parse_list(
+        let backend = Capabilities::parse(
             "IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE SORT COMPRESS=DEFLATE \
              AUTH=SCRAM-SHA-256-PLUS QUOTA NAMESPACE STARTTLS LITERAL+",
         );
@@ -122,11 +166,37 @@ mod tests {
             "IMAP4rev1 LOGIN-REFERRALS ID ENABLE IDLE SORT QUOTA NAMESPACE LITERAL+ MAILBOX-REFERRALS"
         );
         assert_eq!(
-            post_login(&parse_list("IMAP4rev1 IDLE")),
+            post_login(&Capabilities::parse("IMAP4rev1 IDLE")),
             "IMAP4rev1 IDLE MAILBOX-REFERRALS",
             "ID and NAMESPACE are relayed, so only advertised when the backend has them"
         );
-        assert!(has(&backend, "idle"));
-        assert!(!has(&backend, "MOVE"));
+        assert!(backend.has("idle"));
+        assert!(!backend.has("MOVE"));
+        assert_eq!(
+            post_login(&Capabilities::parse("IDLE auth=plain compress=deflate")),
+            "IMAP4rev1 IDLE MAILBOX-REFERRALS",
+            "IMAP4rev1 is put first when missing; dropped names match in any case"
+        );
+    }
+
+    #[test]
+    fn mounts_drop_what_cannot_span_servers() {
+        let backend = Capabilities::parse(" IMAP4rev1 LIST-EXTENDED  idle notify MOVE\r\n");
+        assert_eq!(
+            post_login_mounts(&backend),
+            "IMAP4rev1 idle MOVE MAILBOX-REFERRALS"
+        );
+        assert_eq!(backend.iter().count(), 5);
+    }
+
+    #[test]
+    fn keep_only() {
+        let mut caps = Capabilities::parse("IMAP4rev1 mailbox-referrals IDLE");
+        caps.keep_only("MAILBOX-REFERRALS");
+        assert!(caps.has("MAILBOX-REFERRALS"));
+        assert_eq!(caps.iter().count(), 1);
+        let mut caps = Capabilities::parse("IMAP4rev1 IDLE");
+        caps.keep_only("MAILBOX-REFERRALS");
+        assert_eq!(caps, Capabilities::default());
     }
 }

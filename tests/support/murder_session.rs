@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use imap_gateway::metrics::Metrics;
+use imap_gateway::proto::capability::Capabilities;
 use imap_gateway::relay::murder::{self, ConnectFuture, Connected, Connector};
 use imap_gateway::relay::{RelayContext, RelayOptions};
 use imap_gateway::route::{Backend, RoutingTable};
@@ -25,7 +26,7 @@ async fn connect(backend: &Backend) -> Result<Connected, String> {
     Ok(Connected {
         stream: Stream::Plain(tcp),
         leftover: Vec::new(),
-        capabilities: vec!["IMAP4rev1".into(), "LITERAL+".into()],
+        capabilities: Capabilities::parse("IMAP4rev1 LITERAL+"),
     })
 }
 

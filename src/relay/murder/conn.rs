@@ -11,12 +11,12 @@ use super::names;
 use super::wire::{Wire, WireError};
 use super::{End, MAX_REWRITTEN, Murder, RETRY_AFTER, Step};
 use crate::proto::args;
-use crate::proto::capability;
+use crate::proto::capability::Capabilities;
 use crate::route::Backend;
 
 pub(super) struct Conn {
     pub(super) wire: Wire,
-    pub(super) caps: Vec<String>,
+    pub(super) caps: Capabilities,
     /// The backend's hierarchy delimiter (`LIST "" ""`), None for a flat namespace.
     pub(super) delim: Option<u8>,
     pub(super) next_tag: u32,
@@ -26,7 +26,7 @@ pub(super) struct Conn {
 }
 
 impl Conn {
-    pub(super) fn new(wire: Wire, caps: Vec<String>) -> Conn {
+    pub(super) fn new(wire: Wire, caps: Capabilities) -> Conn {
         Conn {
             wire,
             caps,
@@ -42,7 +42,7 @@ impl Conn {
     }
 
     pub(super) fn has(&self, cap: &str) -> bool {
-        capability::has(&self.caps, cap)
+        self.caps.has(cap)
     }
 }
 

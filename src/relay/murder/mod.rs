@@ -35,7 +35,7 @@ use self::mailbox::{
 use self::wire::{ForwardError, Wire, WireError};
 use super::{RelayContext, RelayEnd, RelayError, RelayOptions};
 use crate::proto::args::{self};
-use crate::proto::capability;
+use crate::proto::capability::{self, Capabilities};
 use crate::proto::framer::FrameError;
 use crate::proto::prescan::{CommandName, prescan, tag_of};
 use crate::proto::response::{Status, status};
@@ -62,7 +62,7 @@ const READ: usize = 16 * 1024;
 pub struct Connected {
     pub stream: Stream,
     pub leftover: Vec<u8>,
-    pub capabilities: Vec<String>,
+    pub capabilities: Capabilities,
 }
 
 pub type ConnectFuture<'a> = Pin<Box<dyn Future<Output = Result<Connected, String>> + Send + 'a>>;
