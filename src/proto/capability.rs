@@ -58,23 +58,15 @@ fn post_login_without(backend: &Capabilities, without: &[&str]) -> String {
             .iter()
             .filter(|c| !dropped(c) && !without.iter().any(|w| c.eq_ignore_ascii_case(w)))
     };
+    let missing = |name: &str| !kept().any(|c| c.eq_ignore_ascii_case(name));
+    let first = missing("IMAP4rev1").then_some("IMAP4rev1");
+    let added = ADDED.iter().copied().filter(|add| missing(add));
     let mut out = String::with_capacity(backend.0.len() + 32);
-    if !kept().any(|c| c.eq_ignore_ascii_case("IMAP4rev1")) {
-        out.push_str("IMAP4rev1");
-    }
-    for cap in kept() {
+    for cap in first.into_iter().chain(kept()).chain(added) {
         if !out.is_empty() {
             out.push(' ');
         }
         out.push_str(cap);
-    }
-    for add in ADDED {
-        if !kept().any(|c| c.eq_ignore_ascii_case(add)) {
-            if !out.is_empty() {
-                out.push(' ');
-            }
-            out.push_str(add);
-        }
     }
     out
 }

@@ -168,6 +168,14 @@ mod tests {
 
     use super::*;
 
+    /// One `read_into` at the start of `slot`, which must answer within five seconds.
+    async fn read_once(r: &mut ReadHalf<'_>, slot: &mut Option<Buf>) -> usize {
+        tokio::time::timeout(Duration::from_secs(5), read_into(r, slot, 0))
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
     async fn pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap());
@@ -183,21 +191,14 @@ mod tests {
         let (r, _w) = reader.split();
         let mut r = ReadHalf::Plain(r);
         let mut slot = None;
-        let wait = Duration::from_secs(5);
 
         writer.write_all(b"a1 NOOP\r\n").await.unwrap();
-        let n = tokio::time::timeout(wait, read_into(&mut r, &mut slot, 0))
-            .await
-            .unwrap()
-            .unwrap();
+        let n = read_once(&mut r, &mut slot).await;
         assert_eq!(&slot.as_ref().unwrap()[..n], b"a1 NOOP\r\n");
 
         // Sent before the next read starts: the readiness cleared above is not this data's.
         writer.write_all(b"a2 NOOP\r\n").await.unwrap();
-        let n = tokio::time::timeout(wait, read_into(&mut r, &mut slot, 0))
-            .await
-            .unwrap()
-            .unwrap();
+        let n = read_once(&mut r, &mut slot).await;
         assert_eq!(&slot.as_ref().unwrap()[..n], b"a2 NOOP\r\n");
 
         // Sent while the read waits.
@@ -205,18 +206,11 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
             writer.write_all(b"a3 NOOP\r\n").await.unwrap();
         };
-        let (n, ()) = tokio::join!(
-            tokio::time::timeout(wait, read_into(&mut r, &mut slot, 0)),
-            late
-        );
-        let n = n.unwrap().unwrap();
+        let (n, ()) = tokio::join!(read_once(&mut r, &mut slot), late);
         assert_eq!(&slot.as_ref().unwrap()[..n], b"a3 NOOP\r\n");
 
         drop(writer);
-        let n = tokio::time::timeout(wait, read_into(&mut r, &mut slot, 0))
-            .await
-            .unwrap()
-            .unwrap();
+        let n = read_once(&mut r, &mut slot).await;
         assert_eq!(n, 0, "the end of the stream reads as 0");
     }
 
@@ -231,10 +225,7 @@ mod tests {
         writer.write_all(&data).await.unwrap();
         let mut total = 0;
         while total < data.len() {
-            let n = tokio::time::timeout(Duration::from_secs(5), read_into(&mut r, &mut slot, 0))
-                .await
-                .unwrap()
-                .unwrap();
+            let n = read_once(&mut r, &mut slot).await;
             assert!(n > 0);
             total += n;
         }
