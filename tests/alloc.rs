@@ -1,6 +1,8 @@
-//! The relay allocates nothing per relayed chunk: a counting global allocator watches a
-//! large literal cross the relay in both directions after a warm-up.
+//! The relay allocates nothing per relayed chunk nor per command: a counting global
+//! allocator watches large literals, then thousands of command round trips (NOOP, UID
+//! FETCH, IDLE and DONE), cross the relay after a warm-up.
 
+use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -52,10 +54,21 @@ async fn drain(r: &mut TcpStream, total: usize, buf: &mut [u8]) {
     }
 }
 
-#[tokio::test(flavor = "current_thread")]
-async fn no_allocation_per_relayed_chunk() {
-    let (mut client, gw_client) = pair().await;
-    let (gw_backend, mut backend) = pair().await;
+/// The counter is process-wide: `cargo test` runs a binary's tests on parallel threads, so
+/// the tests here take turns (nextest already gives each its own process).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A relay between a client socket and a backend socket, both plain TCP as in production,
+/// with the options the gateway uses; returns the client end, the backend end, the metrics
+/// and the relay's task.
+async fn start_relay() -> (
+    TcpStream,
+    TcpStream,
+    Metrics,
+    tokio::task::JoinHandle<relay::RelayEnd>,
+) {
+    let (client, gw_client) = pair().await;
+    let (gw_backend, backend) = pair().await;
     let opts = RelayOptions {
         max_command_line: 64 * 1024,
         max_literal: u64::MAX,
@@ -83,7 +96,13 @@ async fn no_allocation_per_relayed_chunk() {
         )
         .await
     });
+    (client, backend, metrics, relay)
+}
 
+#[tokio::test(flavor = "current_thread")]
+async fn no_allocation_per_relayed_chunk() {
+    let _turn = SERIAL.lock().await;
+    let (mut client, mut backend, metrics, relay) = start_relay().await;
     let chunk = vec![b'x'; CHUNK];
     let mut sink = vec![0u8; CHUNK];
     let mut round = async |size: usize| {
@@ -150,6 +169,95 @@ async fn no_allocation_per_relayed_chunk() {
     assert_eq!(
         spliced, spliced_before,
         "small literals must not be spliced"
+    );
+    drop(client);
+    drop(backend);
+    let _ = relay.await;
+}
+
+/// Reads from `r` until `want` has arrived whole (the relay may split or join writes).
+async fn expect(r: &mut TcpStream, want: &[u8], buf: &mut [u8]) {
+    let mut got = 0;
+    while got < want.len() {
+        let n = r.read(&mut buf[got..want.len()]).await.unwrap();
+        assert!(n > 0, "early EOF");
+        got += n;
+    }
+    assert_eq!(&buf[..want.len()], want);
+}
+
+/// One command round trip: the client's line reaches the backend unchanged, the backend's
+/// answer reaches the client unchanged.
+async fn round_trip(
+    client: &mut TcpStream,
+    backend: &mut TcpStream,
+    command: &[u8],
+    answer: &[u8],
+    buf: &mut [u8],
+) {
+    client.write_all(command).await.unwrap();
+    expect(backend, command, buf).await;
+    backend.write_all(answer).await.unwrap();
+    expect(client, answer, buf).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn no_allocation_per_command() {
+    let _turn = SERIAL.lock().await;
+    let (mut client, mut backend, _metrics, relay) = start_relay().await;
+    // Fixed buffers, written with `write!` within their capacity: the test itself must not
+    // allocate per command either.
+    let mut command = Vec::with_capacity(256);
+    let mut answer = Vec::with_capacity(256);
+    let mut buf = vec![0u8; 4096];
+    let mut session = async |from: u32, to: u32| {
+        for i in from..to {
+            // Every tag is new, as a client's are: the relay tracks each one.
+            command.clear();
+            write!(command, "a{i} NOOP\r\n").unwrap();
+            answer.clear();
+            write!(answer, "* {i} EXISTS\r\na{i} OK NOOP completed.\r\n").unwrap();
+            round_trip(&mut client, &mut backend, &command, &answer, &mut buf).await;
+
+            command.clear();
+            write!(command, "b{i} UID FETCH 1:* (FLAGS)\r\n").unwrap();
+            answer.clear();
+            write!(
+                answer,
+                "* 1 FETCH (UID {i} FLAGS (\\Seen \\Answered))\r\nb{i} OK Fetch completed.\r\n"
+            )
+            .unwrap();
+            round_trip(&mut client, &mut backend, &command, &answer, &mut buf).await;
+
+            command.clear();
+            write!(command, "c{i} IDLE\r\n").unwrap();
+            round_trip(
+                &mut client,
+                &mut backend,
+                &command,
+                b"+ idling\r\n",
+                &mut buf,
+            )
+            .await;
+            answer.clear();
+            write!(answer, "c{i} OK Idle completed.\r\n").unwrap();
+            round_trip(&mut client, &mut backend, b"DONE\r\n", &answer, &mut buf).await;
+        }
+    };
+    // Warm-up: the relay's buffers and the tag queue reach their working size.
+    session(0, 100).await;
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let commands = 3000;
+    session(100, 100 + commands).await;
+    let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
+    println!(
+        "{allocations} allocations while relaying {} commands",
+        3 * commands
+    );
+    assert!(
+        allocations <= 16,
+        "{allocations} allocations while relaying {} commands",
+        3 * commands
     );
     drop(client);
     drop(backend);
