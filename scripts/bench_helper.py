@@ -98,6 +98,14 @@ def fmt(x, digits=2):
     return str(x)
 
 
+def per_backend(r, cpu_key):
+    """The proxy's CPU per unit over the backends' CPU per unit in the same run. The machine's
+    speed drifts by about 15 % between runs and every process drifts with it, so this ratio
+    compares proxies measured minutes apart better than their CPU alone."""
+    t, b = r.get(cpu_key), r.get(cpu_key.replace("target", "backend"))
+    return t / b if t and b else None
+
+
 def peer_lines(case, rep, modes, d, metric, unit, cpu_key):
     """The other proxies of the same repetition, against the same direct run."""
     lines = []
@@ -110,6 +118,7 @@ def peer_lines(case, rep, modes, d, metric, unit, cpu_key):
             f"{'':<14}   peer {peer:<14} {fmt(pv, 1):>8} {unit:<9} ratio {fmt(pv / dv if pv and dv else None)}"
             f"  CPU {fmt(p.get(cpu_key), 3)} ms/{'MB' if unit == 'MB/s' else 'login'}"
             f"  Dovecot CPU {fmt(p.get(cpu_key.replace('target', 'backend')), 3)}"
+            f" (proxy/Dovecot {fmt(per_backend(p, cpu_key))})"
             f"  errors {p['errors']['count']}  busy CPUs {fmt(p.get('host_busy_cpus'), 1)}"
         )
     return lines
@@ -146,6 +155,7 @@ def report(path):
                     f" (direct {fmt(d.get(self_key) if d else None, 3)})"
                     f"  Dovecot CPU {fmt((d or {}).get(cpu_key.replace('target', 'backend')), 3)}"
                     f" -> {fmt((g or {}).get(cpu_key.replace('target', 'backend')), 3)}"
+                    f" (gateway/Dovecot {fmt(per_backend(g or {}, cpu_key))})"
                     f"  errors {d['errors']['count'] if d else '-'}/{g['errors']['count'] if g else '-'}"
                     f"  busy CPUs {fmt((d or {}).get('host_busy_cpus'), 1)}/{fmt((g or {}).get('host_busy_cpus'), 1)}"
                     f"   [{TARGETS.get(case, '')}]"
