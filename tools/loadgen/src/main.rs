@@ -69,7 +69,9 @@ struct Args {
     /// Server name sent and verified (with --tls).
     #[arg(long, default_value = "localhost")]
     sni: String,
-    /// Let TLS sessions resume (by default every connection makes a full handshake).
+    /// Let TLS sessions resume: every user is a client with a TLS session cache of its own,
+    /// so a user's next login offers the session (ticket) of its last one. By default every
+    /// connection makes a full handshake.
     #[arg(long)]
     tls_resume: bool,
     #[arg(long, value_enum)]
@@ -409,6 +411,12 @@ fn base_json(ctx: &Ctx, nofile: u64) -> serde_json::Map<String, Value> {
     let targets: Vec<String> = a.target.iter().map(ToString::to_string).collect();
     m.insert("target".into(), json!(targets.join(",")));
     m.insert("tls".into(), json!(a.tls));
+    m.insert("tls_resume".into(), json!(a.tls_resume));
+    // Over the whole run, warm-up included.
+    if let Some((handshakes, resumed)) = ctx.dialer.tls_counts() {
+        m.insert("tls_handshakes".into(), json!(handshakes));
+        m.insert("tls_resumed".into(), json!(resumed));
+    }
     m.insert("clients".into(), json!(a.clients));
     m.insert("rate".into(), json!(a.rate));
     m.insert("pids".into(), json!(a.pid));
@@ -734,6 +742,7 @@ fn build_ctx(args: Args) -> Result<Ctx> {
         args.ca.as_deref(),
         &args.sni,
         args.tls_resume,
+        args.user_count,
     )?;
     let mut logins = Vec::with_capacity(args.user_count as usize);
     for k in 0..args.user_count {

@@ -5,10 +5,11 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context as _, Result, bail};
-use rustls::ClientConfig;
-use rustls::client::Resumption;
+use rustls::client::{ClientSessionMemoryCache, Resumption};
+use rustls::{ClientConfig, HandshakeKind};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpSocket;
@@ -25,8 +26,21 @@ pub struct Dialer {
     /// Number of loopback source addresses to spread connections over (0: let the kernel
     /// choose, i.e. 127.0.0.1 for a loopback target).
     src_ips: u32,
-    tls: Option<(TlsConnector, ServerName<'static>)>,
+    tls: Option<Tls>,
 }
+
+/// TLS towards the target, and what the handshakes did.
+struct Tls {
+    /// One per user with `--tls-resume` (each user a client with a session cache of its
+    /// own, as real clients are), else one for all (no resumption).
+    connectors: Vec<TlsConnector>,
+    name: ServerName<'static>,
+    handshakes: AtomicU64,
+    resumed: AtomicU64,
+}
+
+/// Sessions a user's cache keeps: a login needs one ticket, and the server sends more.
+const TICKETS_PER_USER: usize = 4;
 
 impl Dialer {
     pub fn new(
@@ -36,6 +50,7 @@ impl Dialer {
         ca: Option<&Path>,
         sni: &str,
         resume: bool,
+        users: u32,
     ) -> Result<Dialer> {
         if targets.is_empty() {
             bail!("no --target");
@@ -62,11 +77,27 @@ impl Dialer {
                 .context("TLS versions")?
                 .with_root_certificates(roots)
                 .with_no_client_auth();
-            if !resume {
+            let connectors = if resume {
+                (0..users.max(1))
+                    .map(|_| {
+                        let mut c = config.clone();
+                        c.resumption = Resumption::store(Arc::new(ClientSessionMemoryCache::new(
+                            TICKETS_PER_USER,
+                        )));
+                        TlsConnector::from(Arc::new(c))
+                    })
+                    .collect()
+            } else {
                 config.resumption = Resumption::disabled();
-            }
+                vec![TlsConnector::from(Arc::new(config))]
+            };
             let name = ServerName::try_from(sni.to_owned()).context("--sni")?;
-            Some((TlsConnector::from(Arc::new(config)), name))
+            Some(Tls {
+                connectors,
+                name,
+                handshakes: AtomicU64::new(0),
+                resumed: AtomicU64::new(0),
+            })
         } else {
             None
         };
@@ -74,6 +105,16 @@ impl Dialer {
             targets,
             src_ips,
             tls,
+        })
+    }
+
+    /// TLS handshakes made so far, and how many of them resumed a session.
+    pub fn tls_counts(&self) -> Option<(u64, u64)> {
+        self.tls.as_ref().map(|t| {
+            (
+                t.handshakes.load(Ordering::Relaxed),
+                t.resumed.load(Ordering::Relaxed),
+            )
         })
     }
 
@@ -123,11 +164,16 @@ impl Dialer {
         tcp.set_nodelay(true)?;
         match &self.tls {
             None => Ok(Stream::Plain(tcp)),
-            Some((connector, name)) => {
+            Some(t) => {
+                let connector = &t.connectors[(user % t.connectors.len() as u64) as usize];
                 let tls = connector
-                    .connect(name.clone(), tcp)
+                    .connect(t.name.clone(), tcp)
                     .await
                     .context("TLS handshake")?;
+                t.handshakes.fetch_add(1, Ordering::Relaxed);
+                if tls.get_ref().1.handshake_kind() == Some(HandshakeKind::Resumed) {
+                    t.resumed.fetch_add(1, Ordering::Relaxed);
+                }
                 Ok(Stream::Tls(Box::new(tokio_rustls::TlsStream::Client(tls))))
             }
         }
