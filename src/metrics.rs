@@ -217,6 +217,8 @@ pub struct ListenerCounters {
     pub active: IntGauge,
     /// Indexed by `[mode][result]`: mode 0 implicit, 1 STARTTLS; result as `TlsResult`.
     tls: [[IntCounter; 3]; 2],
+    /// Successful handshakes that resumed a session, indexed by mode.
+    tls_resumed: [IntCounter; 2],
     /// Indexed by `ProxyRejected`.
     proxy_rejected: [IntCounter; 3],
 }
@@ -250,6 +252,11 @@ impl ListenerCounters {
         self.tls[usize::from(starttls)][result as usize].inc();
     }
 
+    /// A successful handshake (already counted by `tls`) that resumed a session.
+    pub fn tls_resumed(&self, starttls: bool) {
+        self.tls_resumed[usize::from(starttls)].inc();
+    }
+
     pub fn proxy_rejected(&self, reason: ProxyRejected) {
         self.proxy_rejected[reason as usize].inc();
     }
@@ -260,6 +267,7 @@ pub struct Metrics {
     pub connections_accepted: IntCounterVec,
     pub connections_active: IntGaugeVec,
     pub tls_handshakes: IntCounterVec,
+    pub tls_resumed: IntCounterVec,
     pub proxy_protocol_rejected: IntCounterVec,
     pub logins: IntCounterVec,
     pub login_duration: HistogramVec,
@@ -449,6 +457,13 @@ impl Metrics {
                 "Client TLS handshakes (implicit or STARTTLS), by listener, mode and result.",
                 &["listener", "mode", "result"],
             )?,
+            tls_resumed: counter_vec(
+                r,
+                "tls_resumed_total",
+                "Client TLS handshakes that resumed a session from a ticket or the session \
+                 cache (also counted as ok in tls_handshakes_total), by listener and mode.",
+                &["listener", "mode"],
+            )?,
             proxy_protocol_rejected: counter_vec(
                 r,
                 "proxy_protocol_rejected_total",
@@ -584,6 +599,8 @@ impl Metrics {
             accepted: self.connections_accepted.with_label_values(&[name]),
             active: self.connections_active.with_label_values(&[name]),
             tls: [tls("implicit"), tls("starttls")],
+            tls_resumed: ["implicit", "starttls"]
+                .map(|mode| self.tls_resumed.with_label_values(&[name, mode])),
             // Created at zero, so that rate() and alerts see them before the first.
             proxy_rejected: ProxyRejected::LABELS.map(|reason| {
                 self.proxy_protocol_rejected

@@ -94,13 +94,28 @@ impl ResolvesServerCert for ReloadableCert {
     }
 }
 
-/// A server config for a listener whose certificate comes from `cert`.
-pub fn server_config(cert: Arc<ReloadableCert>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let config = rustls::ServerConfig::builder_with_provider(provider())
+/// A server config for a listener whose certificate comes from `cert`. With
+/// `session_tickets`, returning clients resume their TLS session from a ticket they hold
+/// (encrypted with a key that rotates every 6 hours and never leaves the process) instead
+/// of a full handshake; without, only from rustls's in-memory cache of the last 256
+/// sessions, which a busy listener turns over within seconds.
+pub fn server_config(
+    cert: Arc<ReloadableCert>,
+    session_tickets: bool,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_cert_resolver(cert);
+    if session_tickets {
+        config.ticketer = rustls::crypto::ring::Ticketer::new()?;
+    }
     Ok(Arc::new(config))
+}
+
+/// Whether a finished server handshake resumed an earlier session.
+pub fn resumed(conn: &rustls::ServerConnection) -> bool {
+    conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
 }
 
 /// A client config for a backend: verification against `ca_file`, or the system roots.

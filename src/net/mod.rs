@@ -75,7 +75,8 @@ impl Listener {
         };
         let tls = match &cert {
             Some(c) => Some(tokio_rustls::TlsAcceptor::from(
-                crate::tls::server_config(Arc::clone(c)).map_err(tls_error)?,
+                crate::tls::server_config(Arc::clone(c), config.tls_session_tickets)
+                    .map_err(tls_error)?,
             )),
             None => None,
         };
@@ -318,6 +319,9 @@ impl Connection {
             match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
                     counters.tls(false, TlsResult::Ok);
+                    if crate::tls::resumed(tls.get_ref().1) {
+                        counters.tls_resumed(false);
+                    }
                     Stream::Tls(Box::new(tls.into()))
                 }
                 Ok(Err(e)) => {

@@ -396,6 +396,9 @@ impl Preauth {
         match handshake {
             Ok(Ok(tls)) => {
                 counters.tls(true, TlsResult::Ok);
+                if crate::tls::resumed(tls.get_ref().1) {
+                    counters.tls_resumed(true);
+                }
                 self.stream = Some(Stream::Tls(Box::new(tls.into())));
                 Ok(())
             }

@@ -77,6 +77,7 @@ pub fn test_config(dir: &Path, routing: &str) -> Config {
             mode: ListenerMode::Plain,
             tls_cert: None,
             tls_key: None,
+            tls_session_tickets: true,
             allow_plaintext_auth: true,
             proxy_protocol: false,
             proxy_trusted_networks: Vec::new(),

@@ -131,6 +131,7 @@ pub fn listener(name: &str, mode: ListenerMode, cert: PathBuf, key: PathBuf) -> 
         mode,
         tls_cert: Some(cert),
         tls_key: Some(key),
+        tls_session_tickets: true,
         allow_plaintext_auth: false,
         proxy_protocol: false,
         proxy_trusted_networks: Vec::new(),
