@@ -7,7 +7,8 @@
 #   sudo ./scripts/bench.sh --scenarios login,fetch --duration 5s --repeat 2
 #
 # Options (defaults in brackets):
-#   --scenarios LIST      login,login-tls,fetch,latency,idle,idle-tls [all of them]
+#   --scenarios LIST      login,login-tls,login-tls-resume,fetch,latency,idle,idle-tls
+#                         [all of them]
 #   --login-clients N     login storm clients [32]
 #   --fetch-clients N     bulk fetch clients [8]
 #   --latency-clients L   comma list of client counts for the latency scenario [1,8]
@@ -55,7 +56,7 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 HELPER=$REPO/scripts/bench_helper.py
 
-SCENARIOS=login,login-tls,fetch,latency,idle,idle-tls
+SCENARIOS=login,login-tls,login-tls-resume,fetch,latency,idle,idle-tls
 LOGIN_CLIENTS=32
 FETCH_CLIENTS=8
 LATENCY_CLIENTS=1,8
@@ -891,6 +892,13 @@ for ((rep = 1; rep <= REPEAT; rep++)); do
     login-tls)
       with_peers login-tls "$rep" --scenario login --tls --ca "$TLS/ca.pem" --clients "$LOGIN_CLIENTS" \
         --user-count "$USERS" --src-ips 64 "${common[@]}"
+      ;;
+    login-tls-resume)
+      # Every user a client with a TLS session cache of its own: a user's next login (about
+      # 2,000 logins later) offers the session of its last. A longer warm-up, so that every
+      # user has one before the measurement.
+      with_peers login-tls-resume "$rep" --scenario login --tls --tls-resume --ca "$TLS/ca.pem" \
+        --clients "$LOGIN_CLIENTS" --user-count "$USERS" --src-ips 64 --duration "$DURATION" --warmup 6s
       ;;
     fetch)
       with_peers fetch "$rep" --scenario fetch --clients "$FETCH_CLIENTS" --user-count "$FETCH_CLIENTS" \

@@ -83,6 +83,7 @@ TARGETS = {
     # case -> text shown in the "target" column
     "login-plain": "ratio >= 0.90, <= 0.35 ms CPU/login",
     "login-tls": "report",
+    "login-tls-resume": "report",
     "fetch": "ratio >= 0.90, <= 0.5 ms CPU/MB",
     "latency": "+p50 <= 50 us, +p99 <= 250 us",
     "idle": "<= 8 KiB RSS/session, 0 errors",
@@ -106,6 +107,13 @@ def per_backend(r, cpu_key):
     return t / b if t and b else None
 
 
+def resumed(r):
+    """The share of TLS handshakes that resumed a session, as text; empty without TLS."""
+    if not r or not r.get("tls_handshakes"):
+        return ""
+    return f"  resumed {r['tls_resumed'] / r['tls_handshakes']:.0%}"
+
+
 def peer_lines(case, rep, modes, d, metric, unit, cpu_key):
     """The other proxies of the same repetition, against the same direct run."""
     lines = []
@@ -119,6 +127,7 @@ def peer_lines(case, rep, modes, d, metric, unit, cpu_key):
             f"  CPU {fmt(p.get(cpu_key), 3)} ms/{'MB' if unit == 'MB/s' else 'login'}"
             f"  Dovecot CPU {fmt(p.get(cpu_key.replace('target', 'backend')), 3)}"
             f" (proxy/Dovecot {fmt(per_backend(p, cpu_key))})"
+            f"{resumed(p)}"
             f"  errors {p['errors']['count']}  busy CPUs {fmt(p.get('host_busy_cpus'), 1)}"
         )
     return lines
@@ -156,6 +165,7 @@ def report(path):
                     f"  Dovecot CPU {fmt((d or {}).get(cpu_key.replace('target', 'backend')), 3)}"
                     f" -> {fmt((g or {}).get(cpu_key.replace('target', 'backend')), 3)}"
                     f" (gateway/Dovecot {fmt(per_backend(g or {}, cpu_key))})"
+                    f"{resumed(d).replace('resumed', 'resumed direct')}{resumed(g)}"
                     f"  errors {d['errors']['count'] if d else '-'}/{g['errors']['count'] if g else '-'}"
                     f"  busy CPUs {fmt((d or {}).get('host_busy_cpus'), 1)}/{fmt((g or {}).get('host_busy_cpus'), 1)}"
                     f"   [{TARGETS.get(case, '')}]"
