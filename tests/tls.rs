@@ -282,22 +282,35 @@ async fn backend_certificate_that_does_not_verify() {
     gw.stop().await;
 }
 
-/// Connects to the TLS listener at `addr` as a client with `config` (and the session cache
-/// that comes with it), reads the greeting (the server's session tickets come before it),
-/// logs out; returns whether the handshake resumed an earlier session.
+/// Connects to `addr` as a client with `config` (and the session cache that comes with it),
+/// with implicit TLS or after STARTTLS, reads the greeting (or the STARTTLS answer: the
+/// server's session tickets come before what it says next), logs out; returns whether the
+/// handshake resumed an earlier session.
 async fn tls_visit(
     addr: std::net::SocketAddr,
     config: std::sync::Arc<rustls::ClientConfig>,
+    starttls: bool,
 ) -> bool {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let io: Box<dyn common::imap::Io> = if starttls {
+        let mut client = Client::connect(addr).await;
+        let greeting = client.read_response().await;
+        assert!(greeting.starts_with(b"* OK"), "{greeting:?}");
+        let answer = client.cmd("STARTTLS").await;
+        assert!(tagged_ok(&answer), "{answer}");
+        client.into_inner()
+    } else {
+        Box::new(tokio::net::TcpStream::connect(addr).await.unwrap())
+    };
     let tls = tokio_rustls::TlsConnector::from(config)
-        .connect("localhost".try_into().unwrap(), tcp)
+        .connect("localhost".try_into().unwrap(), io)
         .await
         .expect("TLS handshake");
     let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     let mut client = Client::from_io(Box::new(tls));
-    let greeting = client.read_response().await;
-    assert!(greeting.starts_with(b"* OK"), "{greeting:?}");
+    if !starttls {
+        let greeting = client.read_response().await;
+        assert!(greeting.starts_with(b"* OK"), "{greeting:?}");
+    }
     assert!(tagged_ok(&client.cmd("LOGOUT").await));
     resumed
 }
@@ -305,52 +318,50 @@ async fn tls_visit(
 /// A returning client resumes its TLS session from a ticket, also after more other
 /// clients than rustls's session cache holds (256) came in between. With
 /// `tls_session_tickets = false` it resumes only while its session is still in that cache.
+/// Implicit TLS and STARTTLS alike.
 #[tokio::test]
 async fn returning_clients_resume_from_session_tickets() {
     // Nobody logs in: the backend is never reached.
     let routing = gateway::single_backend("127.0.0.1:1".parse().unwrap());
-    for tickets in [true, false] {
+    for (tickets, starttls) in [(true, false), (false, false), (true, true), (false, true)] {
+        let (name, mode, label) = if starttls {
+            ("imap", ListenerMode::Plain, "starttls")
+        } else {
+            ("imaps", ListenerMode::Tls, "implicit")
+        };
         let gw = gateway::start_with(&routing, |config, dir| {
-            let mut l = tls_listener(dir, "imaps", ListenerMode::Tls);
+            let mut l = tls_listener(dir, name, mode);
             l.tls_session_tickets = tickets;
             config.listeners.push(l)
         })
         .await;
         let ca = gw.dir.path().join("client-ca/ca.pem");
-        let addr = gw.addr_of("imaps");
-        let resumed_count = || {
-            gw.shared
-                .metrics
-                .tls_resumed
-                .with_label_values(&["imaps", "implicit"])
-                .get()
-        };
+        let addr = gw.addr_of(name);
+        let visit = async |config| tls_visit(addr, config, starttls).await;
 
         let returning = client_config(&ca);
-        assert!(!tls_visit(addr, returning.clone()).await, "first visit");
+        assert!(!visit(returning.clone()).await, "first visit");
         assert!(
-            tls_visit(addr, returning.clone()).await,
-            "a visit right after the first resumes (tickets {tickets})"
+            visit(returning.clone()).await,
+            "a visit right after the first resumes (tickets {tickets}, {label})"
         );
         // Other clients, each with a session cache of its own: each makes a full
         // handshake and takes places in the server's cache.
         for _ in 0..300 {
-            assert!(!tls_visit(addr, client_config(&ca)).await, "a new client");
+            assert!(!visit(client_config(&ca)).await, "a new client");
         }
         assert_eq!(
-            tls_visit(addr, returning.clone()).await,
+            visit(returning.clone()).await,
             tickets,
-            "the returning client after 300 others (tickets {tickets})"
+            "the returning client after 300 others (tickets {tickets}, {label})"
         );
-        assert_eq!(resumed_count(), 1 + u64::from(tickets));
-        assert_eq!(
-            gw.shared
-                .metrics
-                .tls_handshakes
-                .with_label_values(&["imaps", "implicit", "ok"])
-                .get(),
-            303
-        );
+        let metrics = &gw.shared.metrics;
+        let resumed = metrics.tls_resumed.with_label_values(&[name, label]);
+        assert_eq!(resumed.get(), 1 + u64::from(tickets));
+        let ok = metrics
+            .tls_handshakes
+            .with_label_values(&[name, label, "ok"]);
+        assert_eq!(ok.get(), 303);
         gw.stop().await;
     }
 }
