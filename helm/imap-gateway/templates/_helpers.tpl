@@ -119,6 +119,7 @@ mode = "plain"
 {{- if $tls }}
 tls_cert = "{{ $tlsDir }}/tls.crt"
 tls_key = "{{ $tlsDir }}/tls.key"
+tls_session_tickets = {{ .Values.tls.sessionTickets }}
 {{- end }}
 allow_plaintext_auth = {{ .Values.listeners.imap.allowPlaintextAuth }}
 {{- include "imap-gateway.proxyKeys" . }}
@@ -131,6 +132,7 @@ address = "0.0.0.0:{{ .Values.listeners.imaps.containerPort }}"
 mode = "tls"
 tls_cert = "{{ $tlsDir }}/tls.crt"
 tls_key = "{{ $tlsDir }}/tls.key"
+tls_session_tickets = {{ .Values.tls.sessionTickets }}
 {{- include "imap-gateway.proxyKeys" . }}
 {{- end }}
 
