@@ -229,6 +229,13 @@ fn mark(dirs: &Mutex<Vec<Watched>>, event: notify::Result<Event>) -> bool {
     {
         return false;
     }
+    // A write into a file that stays open is not a finished change: the file's closing
+    // (`Close(Write)`, above) or its replacement by a rename is. Without this, a log written
+    // in a watched directory woke the gateway and postponed reloads on every line it wrote
+    // (about 0.1 ms of CPU per login at `info`).
+    if let EventKind::Modify(ModifyKind::Data(_)) = event.kind {
+        return false;
+    }
     // The kernel's queue overflowed: which directory changed is unknown.
     if event.need_rescan() || event.paths.is_empty() {
         return mark_all(dirs);
@@ -409,6 +416,26 @@ mod tests {
         // Nothing of the burst is left over: the next report is the next change.
         std::fs::write(b.join("g"), "y").unwrap();
         assert_eq!(next(&mut w, "second write in b").await, vec![kb]);
+    }
+
+    #[tokio::test]
+    async fn writes_to_a_file_held_open_count_once_it_is_closed() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        // A log, opened before the watch: its creation is not what this is about.
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("gateway.log"))
+            .unwrap();
+        let mut w = DirWatcher::new(Duration::from_millis(100)).unwrap();
+        let key = w.watch(dir.path()).unwrap();
+        for i in 0..50 {
+            writeln!(log, "line {i}").unwrap();
+        }
+        nothing_more(&mut w).await;
+        drop(log);
+        assert_eq!(next(&mut w, "the log closed").await, vec![key]);
     }
 
     /// Nothing more is reported within `QUIET`: the report before was the whole change.
