@@ -689,14 +689,18 @@ tls = "none"
 trusted = true
 EOF
 "$GATEWAY" check-config --config "$BENCH_DIR/gateway.toml" >/dev/null
-: >"$BENCH_DIR/gateway.log" # this run's gateways only (each restart appends)
+# Not beside gateway.toml: the gateway watches that directory for changes, and a log written
+# there costs it a wake-up per line (docs/configuration.md, Reloading).
+GW_LOGFILE=$BENCH_DIR/log/gateway.log
+mkdir -p "$BENCH_DIR/log"
+: >"$GW_LOGFILE" # this run's gateways only (each restart appends)
 
 # A fresh gateway for every measured run: RSS and CPU start from the same state.
 start_gateway() {
   stop_gateway
-  "$GATEWAY" run --config "$BENCH_DIR/gateway.toml" </dev/null >>"$BENCH_DIR/gateway.log" 2>&1 &
+  "$GATEWAY" run --config "$BENCH_DIR/gateway.toml" </dev/null >>"$GW_LOGFILE" 2>&1 &
   GW_PID=$!
-  wait_until 10 greets "$GW_PORT" || die "the gateway did not start (log: $BENCH_DIR/gateway.log)"
+  wait_until 10 greets "$GW_PORT" || die "the gateway did not start (log: $GW_LOGFILE)"
 }
 
 # start_gateways K: the gateway and K-1 more processes, each with its own plain listener,
@@ -737,7 +741,7 @@ level = "$GW_LOG"
 
 $GW_TUNING
 EOF2
-    "$GATEWAY" run --config "$conf" </dev/null >>"$BENCH_DIR/gateway.log" 2>&1 &
+    "$GATEWAY" run --config "$conf" </dev/null >>"$GW_LOGFILE" 2>&1 &
     GW_EXTRA_PIDS+=($!)
     GW_PORTS+=($((BASE + 20 + k)))
     GW_TLS_PORTS+=($((BASE + 60 + k)))
@@ -843,7 +847,7 @@ run() {
   python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print("   ", ", ".join(f"{k} {r[k]}" for k in ("ops", "ops_per_s", "mb_per_s", "target_cpu_ms_per_op", "backend_cpu_ms_per_op", "self_cpu_ms_per_op", "rss_kb_per_session") if r.get(k) is not None), "errors", r["errors"]["count"])' "$json" >&2
   if [ "$mode" = gateway ] && ! alive "$GW_PID"; then
     echo "THE GATEWAY DIED during $case/$mode/$rep; last log lines:" >&2
-    tail -n 20 "$BENCH_DIR/gateway.log" >&2
+    tail -n 20 "$GW_LOGFILE" >&2
   fi
 }
 
