@@ -42,10 +42,11 @@
 #                         connection) [tuned]
 #   --peers LIST          other proxies measured in the same run, in front of the same
 #                         Dovecots: dovecot-proxy (a third Dovecot in proxy mode), nginx
-#                         (nginx's mail proxy), or none [dovecot-proxy,nginx]
+#                         (nginx's mail proxy), haproxy (a plain TCP forwarder, the floor:
+#                         plain scenarios only), or none [dovecot-proxy,nginx]
 #   --out DIR             results directory [target/bench/<timestamp>]
 # Environment: BENCH_DIR (state: configs, mail, logs) [/var/tmp/imap-gateway-bench];
-# BENCH_PORT (first of the loopback ports: BENCH_PORT..+11, and +20..+79 for the extra gateway
+# BENCH_PORT (first of the loopback ports: BENCH_PORT..+17, and +20..+79 for the extra gateway
 # processes of large idle runs) [21140].
 #
 # Needs root (Dovecot's processes change user). Installs dovecot-imapd, openssl and python3
@@ -121,7 +122,7 @@ done
 case $PASS_SCHEME in PLAIN | CRYPT) ;; *) die "--pass-scheme: PLAIN or CRYPT, not $PASS_SCHEME" ;; esac
 case $DOVECOT_SERVICES in tuned | stock) ;; *) die "--dovecot-services: tuned or stock, not $DOVECOT_SERVICES" ;; esac
 for p in ${PEERS//,/ }; do
-  case $p in dovecot-proxy | nginx | none) ;; *) die "--peers: dovecot-proxy, nginx or none, not $p" ;; esac
+  case $p in dovecot-proxy | nginx | haproxy | none) ;; *) die "--peers: dovecot-proxy, nginx, haproxy or none, not $p" ;; esac
 done
 
 BENCH_DIR=${BENCH_DIR:-/var/tmp/imap-gateway-bench}
@@ -143,6 +144,12 @@ NGINX_TLS_PORT=$((BASE + 17))
 NGINX_AUTH_PORT=$((BASE + 8))
 NGINX_DIR=$BENCH_DIR/peer-nginx
 want_nginx() { [[ ",$PEERS," == *",nginx,"* ]]; }
+# The floor: haproxy in TCP mode, one port per Dovecot, no IMAP at all. It only shows what
+# a second loopback TCP hop costs, which every proxy pays; it cannot route a user itself,
+# so loadgen spreads users over its two ports exactly as over the two Dovecots directly.
+HAPROXY_PORTS=($((BASE + 12)) $((BASE + 13)))
+HAPROXY_DIR=$BENCH_DIR/peer-haproxy
+want_haproxy() { [[ ",$PEERS," == *",haproxy,"* ]]; }
 
 # --- processes (no procps needed) ---------------------------------------------------------
 
@@ -193,6 +200,15 @@ stop_nginx() {
   fi
   NGINX_PID=
 }
+HAPROXY_PID=
+stop_haproxy() {
+  if [ -n "$HAPROXY_PID" ] && alive "$HAPROXY_PID"; then
+    kill -TERM "$HAPROXY_PID" 2>/dev/null || true
+    wait_until 10 dead "$HAPROXY_PID" || kill -KILL "$HAPROXY_PID" 2>/dev/null || true
+    wait "$HAPROXY_PID" 2>/dev/null || true
+  fi
+  HAPROXY_PID=
+}
 GW_PID=
 stop_gateway() {
   local pid
@@ -226,6 +242,7 @@ cleanup() {
   trap - EXIT INT TERM HUP
   stop_gateway
   stop_nginx
+  stop_haproxy
   stop_dovecots
   if [ -n "${INOTIFY_OLD:-}" ] && [ "$(cat "$INOTIFY")" != "$INOTIFY_OLD" ]; then
     echo "$INOTIFY_OLD" >"$INOTIFY" || true
@@ -245,6 +262,7 @@ if want_nginx; then
   [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
   [ -e /usr/lib/nginx/modules/ngx_mail_module.so ] || missing+=(libnginx-mod-mail)
 fi
+if want_haproxy; then [ -x /usr/sbin/haproxy ] || missing+=(haproxy); fi
 command -v openssl >/dev/null || missing+=(openssl)
 command -v python3 >/dev/null || missing+=(python3)
 command -v cc >/dev/null || missing+=(gcc libc6-dev)
@@ -592,6 +610,44 @@ EOF
 }
 want_nginx && write_nginx_conf
 
+# haproxy as an L4 forwarder with splice: the least any proxy can do per connection (accept,
+# connect, move bytes), and no log lines, so its figures are a floor, not a peer's.
+write_haproxy_conf() {
+  mkdir -p "$HAPROXY_DIR"
+  cat >"$HAPROXY_DIR/haproxy.cfg" <<EOF
+# Written by scripts/bench.sh: a TCP forwarder, the floor under every proxy measured.
+global
+  # Two descriptors a connection and, with splice, two per pipe (maxpipes: maxconn / 4),
+  # within the open-files limit raised above; the scenarios run here need far fewer.
+  maxconn $((NOFILE / 4))
+  pidfile $HAPROXY_DIR/haproxy.pid
+defaults
+  mode tcp
+  option splice-auto
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+listen bench-a
+  bind 127.0.0.1:${HAPROXY_PORTS[0]}
+  server bench-a 127.0.0.1:${PORT[bench-a]}
+listen bench-b
+  bind 127.0.0.1:${HAPROXY_PORTS[1]}
+  server bench-b 127.0.0.1:${PORT[bench-b]}
+EOF
+}
+want_haproxy && write_haproxy_conf
+
+start_haproxy() {
+  stop_haproxy
+  say "starting the floor, haproxy in TCP mode, on 127.0.0.1:${HAPROXY_PORTS[0]} and ${HAPROXY_PORTS[1]}"
+  /usr/sbin/haproxy -db -f "$HAPROXY_DIR/haproxy.cfg" </dev/null >"$HAPROXY_DIR/haproxy.out" 2>&1 &
+  HAPROXY_PID=$!
+  wait_until 10 greets "${HAPROXY_PORTS[0]}" || {
+    cat "$HAPROXY_DIR/haproxy.out" >&2 || true
+    die "haproxy did not start"
+  }
+}
+
 start_nginx() {
   stop_nginx
   say "starting the peer nginx (mail proxy) on 127.0.0.1:$NGINX_PORT (TLS $NGINX_TLS_PORT)"
@@ -826,6 +882,10 @@ run() {
     [[ " $* " == *" --tls "* ]] && target=(--target "127.0.0.1:$NGINX_TLS_PORT")
     pid=(--target-tree "$NGINX_PID")
   fi
+  if [ "$mode" = haproxy ]; then
+    target=(--target "127.0.0.1:${HAPROXY_PORTS[0]}" --target "127.0.0.1:${HAPROXY_PORTS[1]}")
+    pid=(--pid "$HAPROXY_PID")
+  fi
   if [ "$mode" = dovecot-proxy ]; then
     target=(--target "127.0.0.1:$PEER_PORT")
     [[ " $* " == *" --tls "* ]] && target=(--target "127.0.0.1:$PEER_TLS_PORT")
@@ -864,6 +924,8 @@ with_peers() {
   if (($2 % 2 == 1)); then run "$1" gateway "$2" "${@:3}"; fi
   if want_peer; then run "$1" dovecot-proxy "$2" "${@:3}"; fi
   if want_nginx; then run "$1" nginx "$2" "${@:3}"; fi
+  # The forwarder passes bytes through: over TLS it would measure Dovecot's TLS, not a floor.
+  if want_haproxy && [[ " ${*:3} " != *" --tls "* ]]; then run "$1" haproxy "$2" "${@:3}"; fi
   if (($2 % 2 == 0)); then run "$1" gateway "$2" "${@:3}"; fi
 }
 
@@ -891,6 +953,7 @@ common=(--duration "$DURATION" --warmup "$WARMUP")
 for ((rep = 1; rep <= REPEAT; rep++)); do
   start_dovecots
   if want_nginx; then start_nginx; fi
+  if want_haproxy; then start_haproxy; fi
   for s in ${SCENARIOS//,/ }; do
     case $s in
     login)
