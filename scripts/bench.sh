@@ -192,21 +192,24 @@ port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 DOVECOT_PIDS=()
 PEER_PID=
 NGINX_PID=
-stop_nginx() {
-  if [ -n "$NGINX_PID" ] && alive "$NGINX_PID"; then
-    kill -TERM "$NGINX_PID" 2>/dev/null || true
-    wait_until 10 dead "$NGINX_PID" || kill -KILL -- "-$NGINX_PID" 2>/dev/null || true
-    wait "$NGINX_PID" 2>/dev/null || true
+# stop_daemon PID [group]: TERM, up to 10 s to end, then KILL (its whole process group with
+# "group", for a daemon that started workers of its own).
+stop_daemon() {
+  local pid=$1 victim=$1
+  [ "${2:-}" = group ] && victim=-$1
+  if [ -n "$pid" ] && alive "$pid"; then
+    kill -TERM "$pid" 2>/dev/null || true
+    wait_until 10 dead "$pid" || kill -KILL -- "$victim" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
   fi
+}
+stop_nginx() {
+  stop_daemon "$NGINX_PID" group
   NGINX_PID=
 }
 HAPROXY_PID=
 stop_haproxy() {
-  if [ -n "$HAPROXY_PID" ] && alive "$HAPROXY_PID"; then
-    kill -TERM "$HAPROXY_PID" 2>/dev/null || true
-    wait_until 10 dead "$HAPROXY_PID" || kill -KILL "$HAPROXY_PID" 2>/dev/null || true
-    wait "$HAPROXY_PID" 2>/dev/null || true
-  fi
+  stop_daemon "$HAPROXY_PID"
   HAPROXY_PID=
 }
 GW_PID=
