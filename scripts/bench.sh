@@ -47,7 +47,10 @@
 #   --out DIR             results directory [target/bench/<timestamp>]
 # Environment: BENCH_DIR (state: configs, mail, logs) [/var/tmp/imap-gateway-bench];
 # BENCH_PORT (first of the loopback ports: BENCH_PORT..+17, and +20..+79 for the extra gateway
-# processes of large idle runs) [21140].
+# processes of large idle runs) [21140]; BENCH_GATEWAY (another build of the gateway to
+# measure, for an A/B against a branch) [target/release/imap-gateway]; BENCH_OWN_SESSION (the
+# command that starts the gateway and haproxy in a session of their own; empty: in this
+# script's session, as loadgen) [setsid].
 #
 # Needs root (Dovecot's processes change user). Installs dovecot-imapd, openssl and python3
 # with apt-get if missing. Stops everything it started on exit, also on Ctrl-C.
@@ -78,6 +81,8 @@ GW_PERF=
 PASS_SCHEME=PLAIN
 DOVECOT_SERVICES=tuned
 PEERS=dovecot-proxy,nginx
+# Every daemon in a session of its own (setsid): see "Scheduling groups" in docs/benchmarks.md.
+OWN_SESSION=${BENCH_OWN_SESSION-setsid}
 OUT=
 PASSWORD=benchpw
 MAIL_USER=imapgwbench
@@ -280,7 +285,7 @@ cargo=$(command -v cargo || true)
 [ -n "$cargo" ] || die "cargo not found: install Rust (https://rustup.rs) first"
 say "cargo build --release --workspace"
 (cd "$REPO" && "$cargo" build --release --workspace)
-GATEWAY=$REPO/target/release/imap-gateway
+GATEWAY=${BENCH_GATEWAY:-$REPO/target/release/imap-gateway}
 LOADGEN=$REPO/target/release/loadgen
 
 # 20,000 idle sessions: one descriptor each in loadgen, two in the gateway, one or more in
@@ -643,7 +648,7 @@ want_haproxy && write_haproxy_conf
 start_haproxy() {
   stop_haproxy
   say "starting the floor, haproxy in TCP mode, on 127.0.0.1:${HAPROXY_PORTS[0]} and ${HAPROXY_PORTS[1]}"
-  /usr/sbin/haproxy -db -f "$HAPROXY_DIR/haproxy.cfg" </dev/null >"$HAPROXY_DIR/haproxy.out" 2>&1 &
+  $OWN_SESSION /usr/sbin/haproxy -db -f "$HAPROXY_DIR/haproxy.cfg" </dev/null >"$HAPROXY_DIR/haproxy.out" 2>&1 &
   HAPROXY_PID=$!
   wait_until 10 greets "${HAPROXY_PORTS[0]}" || {
     cat "$HAPROXY_DIR/haproxy.out" >&2 || true
@@ -732,7 +737,10 @@ level = "$GW_LOG"
 $GW_TUNING
 EOF
 cat >"$BENCH_DIR/routing.toml" <<EOF
-# Written by scripts/bench.sh: users spread over both backends by rendezvous hashing.
+# Written by scripts/bench.sh: user n on the backend that loadgen's direct runs, nginx and the
+# Dovecot proxy give it (n mod 2: even on bench-a), one route per user. Left to the pool's
+# rendezvous hashing, the few users of a latency or fetch run fall unevenly (users 1-8: six
+# on bench-a), and the gateway would be measured on a busier Dovecot than the others.
 default_pool = ["bench-a", "bench-b"]
 
 [[backends]]
@@ -747,6 +755,10 @@ address = "127.0.0.1:${PORT[bench-b]}"
 tls = "none"
 trusted = true
 EOF
+for ((n = 1; n <= USERS; n++)); do
+  if ((n % 2 == 0)); then b=bench-a; else b=bench-b; fi
+  printf '\n[[routes]]\nuser = "user%d"\nbackend = "%s"\n' "$n" "$b"
+done >>"$BENCH_DIR/routing.toml"
 "$GATEWAY" check-config --config "$BENCH_DIR/gateway.toml" >/dev/null
 # Not beside gateway.toml: the gateway watches that directory for changes, and a log written
 # there costs it a wake-up per line (docs/configuration.md, Reloading).
@@ -757,7 +769,7 @@ mkdir -p "$BENCH_DIR/log"
 # A fresh gateway for every measured run: RSS and CPU start from the same state.
 start_gateway() {
   stop_gateway
-  "$GATEWAY" run --config "$BENCH_DIR/gateway.toml" </dev/null >>"$GW_LOGFILE" 2>&1 &
+  $OWN_SESSION "$GATEWAY" run --config "$BENCH_DIR/gateway.toml" </dev/null >>"$GW_LOGFILE" 2>&1 &
   GW_PID=$!
   wait_until 10 greets "$GW_PORT" || die "the gateway did not start (log: $GW_LOGFILE)"
 }
@@ -800,7 +812,7 @@ level = "$GW_LOG"
 
 $GW_TUNING
 EOF2
-    "$GATEWAY" run --config "$conf" </dev/null >>"$GW_LOGFILE" 2>&1 &
+    $OWN_SESSION "$GATEWAY" run --config "$conf" </dev/null >>"$GW_LOGFILE" 2>&1 &
     GW_EXTRA_PIDS+=($!)
     GW_PORTS+=($((BASE + 20 + k)))
     GW_TLS_PORTS+=($((BASE + 60 + k)))
