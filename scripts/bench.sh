@@ -81,6 +81,9 @@ GW_PERF=
 PASS_SCHEME=PLAIN
 DOVECOT_SERVICES=tuned
 PEERS=dovecot-proxy,nginx
+# User n's backend is HOME_OF[n % 2], as loadgen's --target order gives it in direct runs;
+# the Dovecot proxy's passdb, nginx's map and the gateway's routes all follow it.
+HOME_OF=(bench-a bench-b)
 # Every daemon in a session of its own (setsid): see "Scheduling groups" in docs/benchmarks.md.
 OWN_SESSION=${BENCH_OWN_SESSION-setsid}
 OUT=
@@ -544,8 +547,7 @@ $(login_services)
 EOF
   # Users 1..K, user n on the instance loadgen's direct runs give it (targets by n mod 2).
   for ((n = 1; n <= USERS; n++)); do
-    if ((n % 2 == 0)); then port=${PORT[bench-a]}; else port=${PORT[bench-b]}; fi
-    echo "user$n:{PLAIN}$PASSWORD::::::proxy=y host=127.0.0.1 port=$port"
+    echo "user$n:{PLAIN}$PASSWORD::::::proxy=y host=127.0.0.1 port=${PORT[${HOME_OF[n % 2]}]}"
   done >"$d/users.passwd"
   chown root:dovecot "$d/users.passwd"
   chmod 640 "$d/users.passwd"
@@ -756,8 +758,7 @@ tls = "none"
 trusted = true
 EOF
 for ((n = 1; n <= USERS; n++)); do
-  if ((n % 2 == 0)); then b=bench-a; else b=bench-b; fi
-  printf '\n[[routes]]\nuser = "user%d"\nbackend = "%s"\n' "$n" "$b"
+  printf '\n[[routes]]\nuser = "user%d"\nbackend = "%s"\n' "$n" "${HOME_OF[n % 2]}"
 done >>"$BENCH_DIR/routing.toml"
 "$GATEWAY" check-config --config "$BENCH_DIR/gateway.toml" >/dev/null
 # Not beside gateway.toml: the gateway watches that directory for changes, and a log written
