@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Helper of scripts/bench.sh (Python 3 standard library only).
 
-    bench_helper.py seed DIR UID GID USERS PASSWORD BIG_USERS MESSAGES SIZE
-        Writes DIR/users.passwd (user1..userUSERS, all with PASSWORD) and, for each user, a
-        Maildir under DIR/mail/userN/Maildir: users 1..BIG_USERS get MESSAGES messages of
-        SIZE bytes each, every other user one small message. Existing Maildirs are kept.
+    bench_helper.py seed DIR UID GID USERS PASSWORD BIG_USERS MESSAGES SIZE HASH
+        Writes DIR/users.passwd (user1..userUSERS, all with PASSWORD in plain text, and
+        huser1..huserUSERS, all with HASH: PASSWORD hashed as `doveadm pw` prints it) and, for
+        each user, a Maildir under DIR/mail/USER/Maildir: users 1..BIG_USERS get MESSAGES
+        messages of SIZE bytes each, every other user (husers too) one small message.
+        Existing Maildirs are kept.
         Files are owned by UID:GID (the mail user). Written directly, before the first
         login, which is far faster than APPEND through IMAP.
 
@@ -46,17 +48,22 @@ def message(size, n, user):
     return head + body
 
 
-def seed(d, uid, gid, users, password, big_users, messages, size):
+def seed(d, uid, gid, users, password, big_users, messages, size, hashed):
     uid, gid, users, big_users, messages, size = map(int, (uid, gid, users, big_users, messages, size))
     with open(os.path.join(d, "users.passwd"), "w") as f:
         for n in range(1, users + 1):
             f.write(f"user{n}:{{PLAIN}}{password}\n")
+        for n in range(1, users + 1):
+            f.write(f"huser{n}:{hashed}\n")
     mail = os.path.join(d, "mail")
     os.makedirs(mail, exist_ok=True)
     big_cache = {}
     stamp = int(time.time())
-    for n in range(1, users + 1):
-        user = f"user{n}"
+    # A huser's mailbox is an ordinary user's (one small message): a login costs the same but
+    # for the password check.
+    everyone = [(f"user{n}", n <= big_users, n) for n in range(1, users + 1)]
+    everyone += [(f"huser{n}", False, users + n) for n in range(1, users + 1)]
+    for user, big, n in everyone:
         home = os.path.join(mail, user)
         maildir = os.path.join(home, "Maildir")
         if os.path.isdir(maildir):
@@ -64,7 +71,7 @@ def seed(d, uid, gid, users, password, big_users, messages, size):
         for p in (home, maildir) + tuple(os.path.join(maildir, s) for s in ("cur", "new", "tmp")):
             os.makedirs(p, exist_ok=True)
             os.chown(p, uid, gid)
-        count, msize = (messages, size) if n <= big_users else (1, 2048)
+        count, msize = (messages, size) if big else (1, 2048)
         for i in range(1, count + 1):
             key = (msize, i)
             if key not in big_cache:
@@ -82,6 +89,7 @@ def seed(d, uid, gid, users, password, big_users, messages, size):
 TARGETS = {
     # case -> text shown in the "target" column
     "login-plain": "ratio >= 0.90, <= 0.35 ms CPU/login",
+    "login-hashed": "ratio >= 0.90, <= 0.35 ms CPU/login",
     "login-tls": "report",
     "login-tls-resume": "report",
     "fetch": "ratio >= 0.90, <= 0.5 ms CPU/MB",
@@ -324,7 +332,7 @@ def combine(label, peak_path, files):
 
 
 def main():
-    if len(sys.argv) >= 2 and sys.argv[1] == "seed" and len(sys.argv) == 10:
+    if len(sys.argv) >= 2 and sys.argv[1] == "seed" and len(sys.argv) == 11:
         seed(*sys.argv[2:])
     elif len(sys.argv) == 3 and sys.argv[1] == "report":
         report(sys.argv[2])
