@@ -471,18 +471,16 @@ EOF
 
 # One hash for every hashed user (same password): what each login verifies costs the same.
 HASH=$(/usr/bin/doveadm pw -s CRYPT -p "$PASSWORD")
+# The users user1..K as the passdb holds them.
+if [ "$PASS_SCHEME" = CRYPT ]; then USER_SECRET=$HASH; else USER_SECRET="{PLAIN}$PASSWORD"; fi
 for inst in "${INSTANCES[@]}"; do
   d=$BENCH_DIR/$inst
   mkdir -p "$d/run" "$d/state" "$d/mail"
   chmod 755 "$d" "$d/mail"
   write_dovecot_conf "$inst"
   say "seeding $inst: $USERS users, users 1..$BIG_USERS with $MESSAGES messages of $SIZE bytes"
-  python3 "$HELPER" seed "$d" "$MAIL_UID" "$MAIL_GID" "$USERS" "$PASSWORD" "$BIG_USERS" \
+  python3 "$HELPER" seed "$d" "$MAIL_UID" "$MAIL_GID" "$USERS" "$USER_SECRET" "$BIG_USERS" \
     "$MESSAGES" "$SIZE" "$HASH"
-  if [ "$PASS_SCHEME" = CRYPT ]; then
-    awk -F: -v h="$HASH" '{ print $1 ":" h }' "$d/users.passwd" >"$d/users.passwd.new"
-    mv "$d/users.passwd.new" "$d/users.passwd"
-  fi
   chown root:dovecot "$d/users.passwd"
   chmod 640 "$d/users.passwd"
   # A previous run that was killed hard may have left this instance running.
