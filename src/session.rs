@@ -174,21 +174,22 @@ pub fn run(
     async move {
         let open = tokio::select! {
             biased;
-            open = login => open,
+            open = login.instrument(span.clone()) => open,
             _ = stop.forced() => None,
         };
         let Some(open) = open else {
             return;
         };
-        let end = relay(open, &shared).await;
+        // The span is entered for what logs, not at every poll of a relay that does not:
+        // entering and leaving it at each relayed command cost more than the framing.
+        let end = relay(open, &shared, &span).await;
         shared.metrics.session_ended(end);
-        info!(end = end.label(), "session ended");
+        span.in_scope(|| info!(end = end.label(), "session ended"));
     }
-    .instrument(span)
 }
 
 /// Relays a logged-in session until it ends, or until the stop is forced.
-async fn relay(open: Open, shared: &Shared) -> SessionEnd {
+async fn relay(open: Open, shared: &Shared, span: &tracing::Span) -> SessionEnd {
     let Open {
         client_stream,
         client_ahead,
@@ -230,21 +231,29 @@ async fn relay(open: Open, shared: &Shared) -> SessionEnd {
             capabilities: backend.capabilities,
         };
         // Boxed: the multi-backend session's state is large and only such sessions pay.
-        Box::pin(murder::run(
-            client_stream,
-            client_ahead,
-            route,
-            home,
-            &connector,
-            &opts,
-            &ctx,
-        ))
+        // Its mounts log, in the session's span.
+        Box::pin(
+            murder::run(
+                client_stream,
+                client_ahead,
+                route,
+                home,
+                &connector,
+                &opts,
+                &ctx,
+            )
+            .instrument(span.clone()),
+        )
         .await
     };
     // A session that finds no safe point in time is dropped, sockets and all.
+    // Polled only when the stop or its timer wakes it, not at every relayed command.
+    let forced = std::pin::pin!(stop.forced());
+    let forced = relay::quiet::Quiet::new(forced);
     let end = tokio::select! {
+        biased;
         end = relay => end,
-        _ = stop.forced() => return SessionEnd::Forced,
+        _ = forced => return SessionEnd::Forced,
     };
     let limit = match &end {
         RelayEnd::Error(RelayError::ClientFrame(FrameError::LiteralTooLarge { .. })) => {

@@ -9,6 +9,7 @@ mod buf;
 mod gate;
 pub mod murder;
 mod pending;
+pub mod quiet;
 mod splice;
 
 pub use self::splice::pooled_pipes;
@@ -16,8 +17,10 @@ pub use self::splice::pooled_pipes;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::task::Poll;
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
@@ -120,15 +123,16 @@ struct Progress {
     parked: AtomicBool,
     /// The client-to-backend side parked for the autologout timer, not for a stop.
     autologout: AtomicBool,
-    parked_notify: Notify,
+    /// Wakes the backend-to-client side for `parked` or a queued answer: set the flag, then
+    /// wake. Unlike a `Notify`, its waiter holds no future of its own between wake-ups.
+    down_signal: AtomicWaker,
     /// Answers of the gateway's own, queued by the client-to-backend side for the other side
     /// to write between two responses. Unlike a channel, it costs no allocation until used.
     inject: Mutex<VecDeque<Vec<u8>>>,
     /// Whether `inject` holds anything, readable without its lock: the backend-to-client side
-    /// looks after every read, and answers are rare. Changed only under the lock.
+    /// looks after every read, and answers are rare. Changed only under the lock; its setting
+    /// is announced on `down_signal`.
     inject_waiting: AtomicBool,
-    /// An answer was queued.
-    injected: Notify,
     /// The queue has room again.
     inject_room: Notify,
     /// When the client last sent bytes or last got a command answered: what the autologout
@@ -159,12 +163,38 @@ impl Progress {
             }
             self.inject_room.notified().await;
         }
-        self.injected.notify_one();
+        self.down_signal.wake();
+    }
+
+    /// The client-to-backend side stopped at a boundary; the other side ends the session.
+    fn park(&self) {
+        self.parked.store(true, Ordering::Release);
+        self.down_signal.wake();
+    }
+
+    /// What the backend-to-client side should act on besides its backend: the other side
+    /// parked (until that was `seen_parked`), or an answer is queued (looked at only between
+    /// responses, where it can be written).
+    fn poll_down_signal(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        seen_parked: bool,
+        at_message_start: bool,
+    ) -> Poll<DownSignal> {
+        // Registered before the flags are read, so a flag set after the reads wakes it.
+        self.down_signal.register(cx.waker());
+        if !seen_parked && self.parked.load(Ordering::Acquire) {
+            Poll::Ready(DownSignal::Parked)
+        } else if at_message_start && self.inject_waiting.load(Ordering::Acquire) {
+            Poll::Ready(DownSignal::Injected)
+        } else {
+            Poll::Pending
+        }
     }
 
     /// The next queued answer, if any.
     fn injected(&self) -> Option<Vec<u8>> {
-        // A queued answer is also announced on `injected`, which wakes the reader to look
+        // A queued answer is also announced on `down_signal`, which wakes the reader to look
         // again, so a stale `false` here only defers it to that wake-up.
         if !self.inject_waiting.load(Ordering::Acquire) {
             return None;
@@ -216,7 +246,14 @@ pub async fn run(
             opts,
             ctx,
         );
+        // Each direction is polled only when what it waits on woke it: a response arriving
+        // does not poll the client's side, nor a command the backend's.
+        let up = std::pin::pin!(up);
+        let down = std::pin::pin!(down);
+        let up = quiet::Quiet::new(up);
+        let down = quiet::Quiet::new(down);
         tokio::select! {
+            biased;
             u = up => Outcome::Up(u),
             d = down => Outcome::Down(d),
         }
@@ -412,10 +449,13 @@ async fn close_client<W: AsyncWrite + Unpin>(w: &mut W, last_word: Option<&[u8]>
 /// `stall` (`timeouts.client_send`: a client that stops reading is as gone as one that
 /// stops writing, and would otherwise hold the session and its backend forever).
 async fn deliver(client: &mut WriteHalf<'_>, bytes: &[u8], stall: Duration) -> bool {
-    matches!(
-        tokio::time::timeout(stall, client.write_all(bytes)).await,
-        Ok(Ok(()))
-    )
+    let mut write = std::pin::pin!(client.write_all(bytes));
+    // Almost every write completes at once (the socket has room); the stall timer, which
+    // reads the clock to be made, is set up only for one that has to wait.
+    match std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
+        Poll::Ready(done) => done.is_ok(),
+        Poll::Pending => matches!(tokio::time::timeout(stall, write).await, Ok(Ok(()))),
+    }
 }
 
 enum Outcome {
@@ -430,6 +470,12 @@ enum UpEnd {
     Frame(FrameError),
     /// The autologout timer ran out in the middle of a command.
     Autologout,
+}
+
+/// What woke the backend-to-client side other than its backend or a stop.
+enum DownSignal {
+    Parked,
+    Injected,
 }
 
 enum DownEnd {
@@ -491,6 +537,10 @@ async fn upstream(
         last_read.get(),
         opts.autologout
     )));
+    // Made once, not at every read (a fresh one would join the stop's waiters each time),
+    // and polled only when the stop wakes it.
+    let stop_requested = std::pin::pin!(ctx.stop.requested());
+    let mut stop_requested = quiet::Quiet::new(stop_requested);
     loop {
         if let Some(buf) = slot.as_deref_mut() {
             let mut pos = 0;
@@ -614,10 +664,11 @@ async fn upstream(
         // backend (a partial command head still here is dropped with the session).
         let stoppable = framer.at_message_start();
         let read = tokio::select! {
+            biased;
             r = buf::read_into(client, &mut slot, filled) => r,
-            _ = ctx.stop.requested(), if stoppable => {
-                progress.parked.store(true, Ordering::Release);
-                progress.parked_notify.notify_one();
+            // Completes once; the session is parked from then on and never polls it again.
+            _ = &mut stop_requested, if stoppable => {
+                progress.park();
                 // The other side ends the session once the backend has answered.
                 return std::future::pending().await;
             }
@@ -628,8 +679,7 @@ async fn upstream(
                     return UpEnd::Autologout;
                 }
                 progress.autologout.store(true, Ordering::Release);
-                progress.parked.store(true, Ordering::Release);
-                progress.parked_notify.notify_one();
+                progress.park();
                 return std::future::pending().await;
             }
         };
@@ -737,6 +787,13 @@ async fn downstream(
     let mut stopping = false;
     // The backend accepted the outstanding IDLE with `+`.
     let mut idling = false;
+    // The other side parked, and this side has taken note (a stop asked first leaves it to
+    // be noted still: it is what says the client's side is at a boundary).
+    let mut seen_parked = false;
+    // Made once, not at every read (a fresh one would join the stop's waiters each time),
+    // and polled only when the stop wakes it.
+    let stop_requested = std::pin::pin!(ctx.stop.requested());
+    let mut stop_requested = quiet::Quiet::new(stop_requested);
     loop {
         if filled > 0
             && let Some(buf) = slot.as_deref()
@@ -820,13 +877,19 @@ async fn downstream(
         }
         tokio::select! {
             biased;
-            _ = ctx.stop.requested(), if !stopping => stopping = true,
-            // The autologout parks the other side without a stop: that starts the stopping.
-            _ = progress.parked_notify.notified() => {
-                stopping |= progress.parked.load(Ordering::Acquire);
-            }
-            // Written at the top of the loop.
-            _ = progress.injected.notified(), if framer.at_message_start() => {}
+            // Completes once, and `stopping` keeps it from being polled again.
+            _ = &mut stop_requested, if !stopping => stopping = true,
+            signal = std::future::poll_fn(|cx| {
+                progress.poll_down_signal(cx, seen_parked, framer.at_message_start())
+            }) => match signal {
+                // The autologout parks the other side without a stop: that starts the stopping.
+                DownSignal::Parked => {
+                    seen_parked = true;
+                    stopping = true;
+                }
+                // Written at the top of the loop.
+                DownSignal::Injected => {}
+            },
             read = buf::read_into(backend, &mut slot, 0) => match read {
                 Ok(0) | Err(_) => {
                     return DownEnd::BackendClosed {
