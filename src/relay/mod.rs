@@ -123,6 +123,9 @@ struct Progress {
     parked: AtomicBool,
     /// The client-to-backend side parked for the autologout timer, not for a stop.
     autologout: AtomicBool,
+    /// The session was asked to stop. One waiter on the stop, in [`run`], sets it and wakes
+    /// both sides; each side reads the flag, so neither holds a waiter of its own.
+    stop_asked: AtomicBool,
     /// Wakes the backend-to-client side for `parked` or a queued answer: set the flag, then
     /// wake. Unlike a `Notify`, its waiter holds no future of its own between wake-ups.
     down_signal: AtomicWaker,
@@ -250,12 +253,23 @@ pub async fn run(
         // does not poll the client's side, nor a command the backend's.
         let up = std::pin::pin!(up);
         let down = std::pin::pin!(down);
-        let up = quiet::Quiet::new(up);
-        let down = quiet::Quiet::new(down);
-        tokio::select! {
-            biased;
-            u = up => Outcome::Up(u),
-            d = down => Outcome::Down(d),
+        let mut up = quiet::Quiet::new(up);
+        let mut down = quiet::Quiet::new(down);
+        let stop = std::pin::pin!(ctx.stop.requested());
+        let mut stop = quiet::Quiet::new(stop);
+        let mut stop_seen = false;
+        loop {
+            tokio::select! {
+                biased;
+                u = &mut up => break Outcome::Up(u),
+                d = &mut down => break Outcome::Down(d),
+                _ = &mut stop, if !stop_seen => {
+                    stop_seen = true;
+                    progress.stop_asked.store(true, Ordering::Release);
+                    up.wake();
+                    down.wake();
+                }
+            }
         }
     };
 
@@ -410,6 +424,18 @@ fn splice_legs<'s>(
     }
 }
 
+/// Resolves once [`run`] has seen the stop. A flag read and no waiter: `run` wakes this side
+/// when it sets the flag.
+fn stop_asked(progress: &Progress) -> impl Future<Output = ()> + Unpin + '_ {
+    std::future::poll_fn(move |_| {
+        if progress.stop_asked.load(Ordering::Acquire) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+}
+
 /// Whether the backend owes an answer to a command the client has finished sending (an
 /// IDLE does not count: in IDLE the client's silence is what the autologout measures).
 fn backends_turn(progress: &Progress, at_message_start: bool) -> bool {
@@ -537,10 +563,7 @@ async fn upstream(
         last_read.get(),
         opts.autologout
     )));
-    // Made once, not at every read (a fresh one would join the stop's waiters each time),
-    // and polled only when the stop wakes it.
-    let stop_requested = std::pin::pin!(ctx.stop.requested());
-    let mut stop_requested = quiet::Quiet::new(stop_requested);
+    let mut stop_requested = stop_asked(progress);
     loop {
         if let Some(buf) = slot.as_deref_mut() {
             let mut pos = 0;
@@ -790,10 +813,7 @@ async fn downstream(
     // The other side parked, and this side has taken note (a stop asked first leaves it to
     // be noted still: it is what says the client's side is at a boundary).
     let mut seen_parked = false;
-    // Made once, not at every read (a fresh one would join the stop's waiters each time),
-    // and polled only when the stop wakes it.
-    let stop_requested = std::pin::pin!(ctx.stop.requested());
-    let mut stop_requested = quiet::Quiet::new(stop_requested);
+    let mut stop_requested = stop_asked(progress);
     loop {
         if filled > 0
             && let Some(buf) = slot.as_deref()

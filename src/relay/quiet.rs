@@ -46,6 +46,14 @@ impl<F: Future + Unpin> Quiet<F> {
     }
 }
 
+impl<F> Quiet<F> {
+    /// Has the inner future polled at the next poll, for a change it reads but does not wait
+    /// on (a flag set by another future of the task), and wakes the task.
+    pub fn wake(&self) {
+        ArcWake::wake_by_ref(&self.signal);
+    }
+}
+
 impl<F: Future + Unpin> Future for Quiet<F> {
     type Output = F::Output;
 
