@@ -257,14 +257,12 @@ pub async fn run(
         let mut down = quiet::Quiet::new(down);
         let stop = std::pin::pin!(ctx.stop.requested());
         let mut stop = quiet::Quiet::new(stop);
-        let mut stop_seen = false;
         loop {
             tokio::select! {
                 biased;
                 u = &mut up => break Outcome::Up(u),
                 d = &mut down => break Outcome::Down(d),
-                _ = &mut stop, if !stop_seen => {
-                    stop_seen = true;
+                _ = &mut stop, if !progress.stop_asked.load(Ordering::Acquire) => {
                     progress.stop_asked.store(true, Ordering::Release);
                     up.wake();
                     down.wake();
