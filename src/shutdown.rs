@@ -66,18 +66,23 @@ impl Stop {
     /// Resolves when the session must end now, safe point or not: the shutdown grace period
     /// is over, or a kick found no safe point within [`KICK_DEADLINE`].
     pub async fn forced(&self) {
-        let kick_deadline = async {
-            self.token.cancelled().await;
-            if self.drain.is_cancelled() {
-                // A shutdown's deadline is the grace period, signalled through `force`.
-                std::future::pending::<()>().await;
-            }
-            tokio::time::sleep(KICK_DEADLINE).await;
-        };
-        tokio::select! {
-            _ = self.force.cancelled() => {}
-            _ = kick_deadline => {}
+        // Both ways start with the session's token: a force drains first, and the drain
+        // cancels every session's token. Waiting on the token alone until then holds one
+        // waiter for the whole of an idle session, not two and a timer.
+        self.token.cancelled().await;
+        if self.drain.is_cancelled() {
+            // A shutdown's deadline is the grace period, signalled through `force`.
+            self.force.cancelled().await;
+            return;
         }
+        // A kick, which a shutdown may overtake. Boxed: only a kicked session pays for it.
+        Box::pin(async {
+            tokio::select! {
+                _ = self.force.cancelled() => {}
+                _ = tokio::time::sleep(KICK_DEADLINE) => {}
+            }
+        })
+        .await;
     }
 
     /// Why the stop was requested (meaningful once it was).
