@@ -129,7 +129,10 @@ pub async fn read_into(
                     *slot = None;
                 }
             }
-            r.readable().await?;
+            // The socket's own waker slot, not `readable()`: that future holds a waiter node
+            // of 168 bytes, and an idle session waits here in both directions. One task
+            // reads each half, so the single slot is enough.
+            std::future::poll_fn(|cx| r.as_ref().poll_read_ready(cx)).await?;
             if slot.is_none() {
                 *slot = Some(Buf::take());
             }
