@@ -2,6 +2,7 @@
 //! relay, close. The only module that knows all four.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -21,12 +22,12 @@ use crate::limits::{ConnLimiter, UserLimiter, UserSlot};
 use crate::metrics::{Limit, Metrics, SessionEnd};
 use crate::net::ActiveGuard;
 use crate::preauth::{ListenerCtx, LoginAttempt, Preauth, PreauthEnd};
-use crate::proto::capability;
+use crate::proto::capability::{self, Capabilities};
 use crate::proto::framer::FrameError;
 use crate::proto::response::status;
 use crate::relay::{self, RelayContext, RelayEnd, RelayError, RelayOptions, murder};
 use crate::route::{Backend, Route, Routes};
-use crate::shutdown::{Lifecycle, SessionGuard};
+use crate::shutdown::{Lifecycle, SessionGuard, Stop};
 use crate::stream::Stream;
 
 /// What every session shares: configuration, the current routing table, credentials,
@@ -172,101 +173,158 @@ pub fn run(
         client,
     ));
     async move {
-        let open = tokio::select! {
-            biased;
-            open = login.instrument(span.clone()) => open,
-            _ = stop.forced() => None,
-        };
-        let Some(open) = open else {
-            return;
-        };
-        // The span is entered for what logs, not at every poll of a relay that does not:
-        // entering and leaving it at each relayed command cost more than the framing.
-        let end = relay(open, &shared, &span).await;
+        // Made inside the pin, so that the login's result, moved into the relay, goes out of
+        // scope before the relay runs: a local still in scope would keep its 392 bytes.
+        let relay = std::pin::pin!({
+            let open = tokio::select! {
+                biased;
+                open = login.instrument(span.clone()) => open,
+                _ = stop.forced() => None,
+            };
+            let Some(open) = open else {
+                return;
+            };
+            // The span is entered for what logs, not at every poll of a relay that does not:
+            // entering and leaving it at each relayed command cost more than the framing.
+            relay(open, &shared, &span)
+        });
+        let end = relay.await;
         shared.metrics.session_ended(end);
         span.in_scope(|| info!(end = end.label(), "session ended"));
     }
 }
 
 /// Relays a logged-in session until it ends, or until the stop is forced.
-async fn relay(open: Open, shared: &Shared, span: &tracing::Span) -> SessionEnd {
+///
+/// A plain function that returns the future, not an `async fn`: the future then owns each
+/// part of `open` once. An `async fn` keeps its argument for its whole life beside the
+/// parts taken out of it, and a future moved into another it awaits is held twice; at one
+/// idle session each that was about 1 KiB (`-Zprint-type-sizes`).
+fn relay<'a>(
+    open: Open,
+    shared: &'a Shared,
+    span: &'a tracing::Span,
+) -> impl Future<Output = SessionEnd> + Send + 'a {
     let Open {
-        client_stream,
+        mut client_stream,
         client_ahead,
         backend,
         route,
         credentials,
-        active: _active,
-        user_slot: _user_slot,
+        active,
+        user_slot,
         registration,
     } = open;
-    let stop = registration.stop();
+    let backend::BackendSession {
+        stream: mut backend_stream,
+        leftover,
+        capabilities,
+    } = backend;
     let limits = &shared.config.limits;
     let opts = RelayOptions {
         max_command_line: limits.max_command_line,
         max_literal: limits.max_literal,
         max_backend_line: limits.max_backend_line,
         backend_logout: shared.config.timeouts.backend_logout,
-        rewrite_referrals: !backend.capabilities.has("MAILBOX-REFERRALS"),
+        rewrite_referrals: !capabilities.has("MAILBOX-REFERRALS"),
         splice: shared.config.performance.splice,
         autologout: shared.config.timeouts.autologout(),
         client_send: shared.config.timeouts.client_send,
     };
     let ctx = RelayContext {
-        stop: stop.clone(),
+        stop: registration.stop().clone(),
         counters: Arc::clone(&shared.metrics.relay),
     };
-    let relay = async {
-        let Some(connector) = credentials else {
-            drop(route);
-            let backend::BackendSession {
-                stream, leftover, ..
-            } = backend;
-            return relay::run(client_stream, client_ahead, stream, leftover, &opts, &ctx).await;
+    // A single-backend session drops the route and the capabilities here.
+    let mounted = credentials.map(|connector| {
+        Box::new(Mounted {
+            connector,
+            route,
+            capabilities,
+        })
+    });
+    async move {
+        let end = match mounted {
+            None => {
+                let relay = std::pin::pin!(relay::run(
+                    &mut client_stream,
+                    client_ahead,
+                    &mut backend_stream,
+                    leftover,
+                    &opts,
+                    &ctx,
+                ));
+                unless_forced(relay, &ctx.stop).await
+            }
+            Some(mounted) => {
+                let Mounted {
+                    connector,
+                    route,
+                    capabilities,
+                } = *mounted;
+                // Mounted backends are logged into later, with the same credentials.
+                let home = murder::Connected {
+                    stream: backend_stream,
+                    leftover,
+                    capabilities,
+                };
+                // Boxed: the multi-backend session's state is large and only such sessions
+                // pay. Its mounts log, in the session's span.
+                let mut relay = Box::pin(
+                    murder::run(
+                        client_stream,
+                        client_ahead,
+                        route,
+                        home,
+                        &connector,
+                        &opts,
+                        &ctx,
+                    )
+                    .instrument(span.clone()),
+                );
+                unless_forced(relay.as_mut(), &ctx.stop).await
+            }
         };
-        // Mounted backends are logged into later, with the same credentials.
-        let home = murder::Connected {
-            stream: backend.stream,
-            leftover: backend.leftover,
-            capabilities: backend.capabilities,
+        // Held to the session's end: its places in the limits and in the registry.
+        drop((active, user_slot, registration));
+        let Some(end) = end else {
+            return SessionEnd::Forced;
         };
-        // Boxed: the multi-backend session's state is large and only such sessions pay.
-        // Its mounts log, in the session's span.
-        Box::pin(
-            murder::run(
-                client_stream,
-                client_ahead,
-                route,
-                home,
-                &connector,
-                &opts,
-                &ctx,
-            )
-            .instrument(span.clone()),
-        )
-        .await
-    };
-    // A session that finds no safe point in time is dropped, sockets and all.
+        let limit = match &end {
+            RelayEnd::Error(RelayError::ClientFrame(FrameError::LiteralTooLarge { .. })) => {
+                Some(Limit::Literal)
+            }
+            RelayEnd::Error(RelayError::ClientFrame(_)) => Some(Limit::CommandLine),
+            RelayEnd::Error(RelayError::BackendFrame(_)) => Some(Limit::BackendLine),
+            _ => None,
+        };
+        if let Some(limit) = limit {
+            shared.metrics.limits.hit(limit);
+        }
+        SessionEnd::from(&end)
+    }
+}
+
+/// What only a session with mounted backends needs while it relays. Boxed, so that a
+/// single-backend session's state does not carry its 200 bytes.
+struct Mounted {
+    connector: MountConnector,
+    route: Route,
+    capabilities: Capabilities,
+}
+
+/// The relay's end, or None when the stop was forced first: a session that finds no safe
+/// point in time is dropped, sockets and all. The relay is borrowed, not moved in, so that
+/// its state is not held twice.
+async fn unless_forced<F: Future>(relay: Pin<&mut F>, stop: &Stop) -> Option<F::Output> {
     // Polled only when the stop or its timer wakes it, not at every relayed command.
     let forced = std::pin::pin!(stop.forced());
     let forced = relay::quiet::Quiet::new(forced);
-    let end = tokio::select! {
+    tokio::select! {
         biased;
-        end = relay => end,
-        _ = forced => return SessionEnd::Forced,
-    };
-    let limit = match &end {
-        RelayEnd::Error(RelayError::ClientFrame(FrameError::LiteralTooLarge { .. })) => {
-            Some(Limit::Literal)
-        }
-        RelayEnd::Error(RelayError::ClientFrame(_)) => Some(Limit::CommandLine),
-        RelayEnd::Error(RelayError::BackendFrame(_)) => Some(Limit::BackendLine),
-        _ => None,
-    };
-    if let Some(limit) = limit {
-        shared.metrics.limits.hit(limit);
+        end = relay => Some(end),
+        _ = forced => None,
     }
-    SessionEnd::from(&end)
 }
 
 /// A logged-in session, ready to relay.

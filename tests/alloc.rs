@@ -86,10 +86,12 @@ async fn start_relay() -> (
         counters: metrics.relay.clone(),
     };
     let relay = tokio::spawn(async move {
+        let mut client = Stream::Plain(gw_client);
+        let mut backend = Stream::Plain(gw_backend);
         relay::run(
-            Stream::Plain(gw_client),
+            &mut client,
             Vec::new(),
-            Stream::Plain(gw_backend),
+            &mut backend,
             Vec::new(),
             &opts,
             &ctx,
