@@ -267,4 +267,47 @@ mod tests {
         // A session that starts during the drain is asked to stop at once.
         assert!(l.register().stop().is_requested());
     }
+
+    /// Whether `forced` resolves within `d` of (paused) time.
+    async fn within(d: Duration, forced: &mut std::pin::Pin<&mut impl Future>) -> bool {
+        tokio::time::timeout(d, forced.as_mut()).await.is_ok()
+    }
+
+    const TICK: Duration = Duration::from_millis(1);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_kick_is_forced_after_its_deadline() {
+        let l = Arc::new(Lifecycle::default());
+        let s = l.register();
+        s.set_user("alice");
+        let mut forced = std::pin::pin!(s.stop().forced());
+        assert!(!within(Duration::from_secs(3600), &mut forced).await);
+        l.kick("alice");
+        assert!(!within(KICK_DEADLINE - TICK, &mut forced).await);
+        assert!(within(2 * TICK, &mut forced).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shutdown_is_forced_only_by_the_force() {
+        let l = Arc::new(Lifecycle::default());
+        let s = l.register();
+        let mut forced = std::pin::pin!(s.stop().forced());
+        l.drain();
+        // The grace period is the shutdown's, not the kick's deadline.
+        assert!(!within(10 * KICK_DEADLINE, &mut forced).await);
+        l.force();
+        assert!(within(TICK, &mut forced).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shutdown_overtakes_a_kick() {
+        let l = Arc::new(Lifecycle::default());
+        let s = l.register();
+        s.set_user("alice");
+        let mut forced = std::pin::pin!(s.stop().forced());
+        l.kick("alice");
+        assert!(!within(KICK_DEADLINE / 2, &mut forced).await);
+        l.force();
+        assert!(within(TICK, &mut forced).await);
+    }
 }
