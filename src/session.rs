@@ -207,7 +207,7 @@ fn relay<'a>(
 ) -> impl Future<Output = SessionEnd> + Send + 'a {
     let Open {
         mut client_stream,
-        client_ahead,
+        mut client_ahead,
         backend,
         route,
         credentials,
@@ -217,7 +217,7 @@ fn relay<'a>(
     } = open;
     let backend::BackendSession {
         stream: mut backend_stream,
-        leftover,
+        mut leftover,
         capabilities,
     } = backend;
     let limits = &shared.config.limits;
@@ -248,9 +248,9 @@ fn relay<'a>(
             None => {
                 let relay = std::pin::pin!(relay::run(
                     &mut client_stream,
-                    client_ahead,
+                    &mut client_ahead,
                     &mut backend_stream,
-                    leftover,
+                    &mut leftover,
                     &opts,
                     &ctx,
                 ));

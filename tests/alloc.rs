@@ -90,9 +90,9 @@ async fn start_relay() -> (
         let mut backend = Stream::Plain(gw_backend);
         relay::run(
             &mut client,
-            Vec::new(),
+            &mut Vec::new(),
             &mut backend,
-            Vec::new(),
+            &mut Vec::new(),
             &opts,
             &ctx,
         )

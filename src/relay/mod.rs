@@ -219,13 +219,14 @@ impl Progress {
 /// `client_ahead` are command bytes the client pipelined behind its login; `backend_ahead`
 /// are response bytes the backend sent behind its login answer.
 ///
-/// The streams are borrowed, not owned: the caller's future holds them, and a future that
-/// owned them would hold them again beside the caller's moved-from copies.
+/// The streams and the bytes ahead are borrowed, not owned: the caller's future holds them,
+/// and a future that owned them would hold them again beside the caller's moved-from copies
+/// (the bytes ahead are emptied once taken).
 pub async fn run(
     client: &mut Stream,
-    client_ahead: Vec<u8>,
+    client_ahead: &mut Vec<u8>,
     backend: &mut Stream,
-    backend_ahead: Vec<u8>,
+    backend_ahead: &mut Vec<u8>,
     opts: &RelayOptions,
     ctx: &RelayContext,
 ) -> RelayEnd {
@@ -573,16 +574,17 @@ where
 async fn upstream(
     client: &mut ReadHalf<'_>,
     backend: &mut WriteHalf<'_>,
-    ahead: Vec<u8>,
+    ahead: &mut Vec<u8>,
     progress: &Progress,
     opts: &RelayOptions,
     ctx: &RelayContext,
 ) -> UpEnd {
     let mut framer = Framer::new(opts.max_command_line, opts.max_literal);
-    let mut slot = (!ahead.is_empty()).then(|| Buf::with(&ahead));
+    let mut slot = (!ahead.is_empty()).then(|| Buf::with(ahead));
     let mut filled = ahead.len();
     // The loop below runs for the whole session: do not keep the login-time buffer alive.
-    drop(ahead);
+    // Borrowed rather than moved in, so that no layer holds a moved-from copy of it.
+    *ahead = Vec::new();
     progress.at_boundary.store(filled == 0, Ordering::Release);
     // When set, the current message is swallowed and this answer is sent once it ends.
     let mut swallow: Option<Vec<u8>> = None;
@@ -834,16 +836,17 @@ async fn write<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Resul
 async fn downstream(
     backend: &mut ReadHalf<'_>,
     client: &mut WriteHalf<'_>,
-    ahead: Vec<u8>,
+    ahead: &mut Vec<u8>,
     progress: &Progress,
     opts: &RelayOptions,
     ctx: &RelayContext,
 ) -> DownEnd {
     let mut framer = Framer::new(opts.max_backend_line, u64::MAX);
-    let mut slot = (!ahead.is_empty()).then(|| Buf::with(&ahead));
+    let mut slot = (!ahead.is_empty()).then(|| Buf::with(ahead));
     let mut filled = ahead.len();
     // The loop below runs for the whole session: do not keep the login-time buffer alive.
-    drop(ahead);
+    // Borrowed rather than moved in, so that no layer holds a moved-from copy of it.
+    *ahead = Vec::new();
     let mut saw_bye = false;
     // Set once a stop is asked or the other side parked for the autologout; from then on
     // every boundary is checked for a safe point.
