@@ -693,21 +693,11 @@ async fn upstream(
             // The rest of an APPEND literal: the gateway has nothing to see in it.
             slot = None;
             let counters = &ctx.counters;
-            // Boxed, as below: a future's size is that of its largest state, and held inline
-            // the transfer made every idle session's larger by its 416 bytes. One allocation
-            // per spliced literal, which is at least [`splice::MIN_SPLICE`] bytes.
-            let transfer = Box::pin(splice::transfer(
-                from,
-                to,
-                left,
-                false,
-                opts.autologout,
-                |n| {
-                    counters.client_to_backend.inc_by(n as u64);
-                    counters.spliced[0].inc_by(n as u64);
-                    last_read.touch();
-                },
-            ));
+            let transfer = splice::transfer(from, to, left, false, opts.autologout, |n| {
+                counters.client_to_backend.inc_by(n as u64);
+                counters.spliced[0].inc_by(n as u64);
+                last_read.touch();
+            });
             // A literal that stops flowing is the client gone quiet mid-command.
             let spliced = tokio::select! {
                 r = transfer => r,
@@ -897,18 +887,10 @@ async fn downstream(
             // stop and injection checks below wait for the end of the response anyway.
             slot = None;
             let counters = &ctx.counters;
-            // Boxed: see the other direction's.
-            match Box::pin(splice::transfer(
-                from,
-                to,
-                left,
-                true,
-                opts.client_send,
-                |n| {
-                    counters.backend_to_client.inc_by(n as u64);
-                    counters.spliced[1].inc_by(n as u64);
-                },
-            ))
+            match splice::transfer(from, to, left, true, opts.client_send, |n| {
+                counters.backend_to_client.inc_by(n as u64);
+                counters.spliced[1].inc_by(n as u64);
+            })
             .await
             {
                 Ok(true) => {

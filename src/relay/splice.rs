@@ -7,6 +7,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
@@ -197,7 +198,22 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 /// `Ok(false)`: no pipe could be had and nothing was moved; the caller relays the bytes
 /// itself. Cancel-safe only in the sense that dropping it loses the
 /// bytes in flight: callers drop it only when the session ends.
-pub async fn transfer(
+///
+/// Boxed: a future is as large as its largest state, and this one (416 bytes) held inline
+/// made every idle session's state larger by that much in each direction. One allocation
+/// per spliced literal, which is at least [`MIN_SPLICE`] bytes.
+pub fn transfer<'a>(
+    from: &'a TcpStream,
+    to: &'a TcpStream,
+    len: u64,
+    batch: bool,
+    stall: std::time::Duration,
+    moved: impl FnMut(usize) + 'a,
+) -> Pin<Box<impl Future<Output = Result<bool, SpliceError>> + 'a>> {
+    Box::pin(run_transfer(from, to, len, batch, stall, moved))
+}
+
+async fn run_transfer(
     from: &TcpStream,
     to: &TcpStream,
     len: u64,
